@@ -1,0 +1,42 @@
+# Tandem: two commands on a fresh machine with Python 3.11 and make.
+#   make run   set up, start PostgreSQL (embedded unless DATABASE_URL is set), the three
+#              services and their projections, load the demo organisation, serve until Ctrl-C.
+#   make test  set up the same way and run the whole suite against real PostgreSQL.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+ROLE ?= admin
+SUBJECT ?= dev
+
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+
+.PHONY: run test token contracts bench clean-data help
+
+help:
+	@echo "make run | make test | make token ROLE=admin | make contracts | make clean-data"
+
+# The stamp is rebuilt when the lock changes, so a pull that adds a package installs it.
+$(VENV)/.installed: pyproject.toml uv.lock
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: Tandem needs Python 3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(UV) sync --frozen --quiet
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) -m services.stack run
+
+test: $(VENV)/.installed
+	$(PY) -m services.stack test -- $(PYTEST_ARGS)
+
+token: $(VENV)/.installed
+	@$(PY) -m services.common.auth token --role $(ROLE) --subject $(SUBJECT)
+
+contracts: $(VENV)/.installed
+	$(PY) -m services.contracts export
+
+clean-data:
+	rm -rf .data

@@ -1,0 +1,190 @@
+"""Write-side plumbing around the `eventsourcing` library.
+
+Every stored event records who did it, within which request and trace, and what caused it
+(DESIGN.md, "Write side"). The domain stays pure: the metadata is added by the mapper when an
+event is stored, from the command context of the request that saved it, under the key `meta`.
+The event's own `timestamp` is its recorded time; a valid time, where one applies, is a field
+of the domain event.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import date
+from typing import Any, ClassVar, TypeVar
+
+from eventsourcing.application import Application
+from eventsourcing.domain import MutableOrImmutableAggregate
+from eventsourcing.persistence import (
+    DatetimeAsISO,
+    DecimalAsStr,
+    IntegrityError,
+    JSONTranscoder,
+    Mapper,
+    StoredEvent,
+    Transcoding,
+    UUIDAsHex,
+)
+from starlette.concurrency import run_in_threadpool
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    """Who asked for a change, and within which request and trace."""
+
+    actor: str
+    correlation_id: str
+    causation_id: str | None = None
+    trace_id: str | None = None
+
+    def caused_by(self, causation_id: str) -> CommandContext:
+        return replace(self, causation_id=causation_id)
+
+
+SYSTEM_CONTEXT = CommandContext(actor="system", correlation_id="system")
+_current_context: contextvars.ContextVar[CommandContext] = contextvars.ContextVar(
+    "tandem_command_context", default=SYSTEM_CONTEXT
+)
+
+
+def current_context() -> CommandContext:
+    return _current_context.get()
+
+
+def new_correlation_id() -> str:
+    return uuid.uuid4().hex
+
+
+class MetadataMapper(Mapper[uuid.UUID]):
+    """Adds the command context to each stored event's state under `meta`."""
+
+    def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        if "meta" not in vars(domain_event):
+            object.__setattr__(domain_event, "meta", asdict(current_context()))
+        return super().to_stored_event(domain_event)
+
+
+class DateAsISO(Transcoding):
+    """Valid times that are days (a check-in's date) are stored as ISO dates."""
+
+    type = date
+    name = "date_iso"
+
+    def encode(self, obj: date) -> str:
+        return obj.isoformat()
+
+    def decode(self, data: str) -> date:
+        return date.fromisoformat(data)
+
+
+def standard_transcoder() -> JSONTranscoder:
+    """The JSON encoding of stored event state: plain JSON with tagged UUIDs, datetimes and
+    decimals. Followers in other services decode it with this alone, without domain classes."""
+    transcoder = JSONTranscoder()
+    for transcoding in (UUIDAsHex(), DatetimeAsISO(), DecimalAsStr(), DateAsISO()):
+        transcoder.register(transcoding)
+    return transcoder
+
+
+class ConcurrentWrite(Exception):
+    """The aggregate changed between load and save, and retrying did not help."""
+
+
+class VersionMismatch(Exception):
+    """The client's If-Match names another version than the aggregate's current one."""
+
+    def __init__(self, expected: int, actual: int):
+        super().__init__(f"expected version {expected}, current version is {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class TandemApplication(Application[uuid.UUID]):
+    """An `eventsourcing` Application that stamps metadata and reports log positions."""
+
+    env: ClassVar[dict[str, str]] = {"AGGREGATE_CACHE_MAXSIZE": "10000"}
+
+    def construct_mapper(self) -> Mapper[uuid.UUID]:
+        return self.factory.mapper(transcoder=self.construct_transcoder(), mapper_class=MetadataMapper)
+
+    def register_transcodings(self, transcoder: JSONTranscoder) -> None:
+        super().register_transcodings(transcoder)
+        transcoder.register(DateAsISO())
+
+    def save_for_position(self, *aggregates: MutableOrImmutableAggregate[uuid.UUID]) -> int:
+        """Save, and return the notification id of the last event stored (0 if none)."""
+        recordings = self.save(*aggregates)
+        return max((r.notification.id for r in recordings), default=0)
+
+    def position(self) -> int:
+        return int(self.recorder.max_notification_id() or 0)
+
+    @staticmethod
+    def check_version(aggregate: MutableOrImmutableAggregate[uuid.UUID], expected: int | None) -> None:
+        if expected is not None and aggregate.version != expected:
+            raise VersionMismatch(expected, aggregate.version)
+
+
+def retry_on_conflict(fn: Callable[..., T]) -> Callable[..., T]:
+    """Re-run a command whose save lost a race with another writer of the same aggregate.
+
+    A command with an explicit expected version (If-Match) is not retried: the client asked
+    to write over one version only, and `VersionMismatch` tells it so.
+    """
+    retrying = retry(
+        retry=retry_if_exception_type(IntegrityError),
+        stop=stop_after_attempt(20),
+        wait=wait_random_exponential(multiplier=0.002, max=0.1),
+        reraise=True,
+    )(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return retrying(*args, **kwargs)
+        except IntegrityError as e:
+            raise ConcurrentWrite(str(e)) from e
+
+    return wrapper
+
+
+async def run_command(context: CommandContext, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a synchronous command in the thread pool under the request's command context."""
+
+    def call() -> T:
+        token = _current_context.set(context)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _current_context.reset(token)
+
+    return await run_in_threadpool(call)
+
+
+def topic_event_type(topic: str) -> str:
+    """`services.goals.domain:KeyResult.Progressed` -> `KeyResultProgressed`.
+
+    The contract's name for an event type: its aggregate and its past-tense verb.
+    """
+    qualname = topic.split(":", 1)[1]
+    return "".join(qualname.split("."))
+
+
+def event_types(aggregates: Sequence[type]) -> dict[str, type]:
+    """Contract event type name -> event class, for every event the aggregates define."""
+    from eventsourcing.domain import CanMutateAggregate
+    from eventsourcing.utils import get_topic
+
+    found: dict[str, type] = {}
+    for aggregate in aggregates:
+        for value in vars(aggregate).values():
+            if isinstance(value, type) and issubclass(value, CanMutateAggregate):
+                found[topic_event_type(get_topic(value))] = value
+    return found

@@ -1,0 +1,184 @@
+"""Read-side plumbing: projections that follow an event log into PostgreSQL tables.
+
+A projection is the `eventsourcing` library's `Projection` over a `ReadModel`, which is the
+library's PostgreSQL tracking recorder extended with the service's own tables. Every change a
+projection makes is written in the same transaction as its tracking position, so each event
+takes effect exactly once across crashes and restarts (DESIGN.md, "Read side").
+
+A service that follows another service's log reads it as the contract says: `followed_log`
+builds a stand-in application that decodes stored notifications into `ContractEvent`s (event
+type name, aggregate id, version, JSON state) without importing the other service's classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from eventsourcing.application import Application
+from eventsourcing.persistence import Mapper, StoredEvent, Tracking
+from eventsourcing.postgres import PostgresTrackingRecorder
+from eventsourcing.projection import Projection, ProjectionRunner
+from psycopg.sql import SQL, Identifier
+
+from services.common.database import eventsourcing_env, projection_channel
+from services.common.eventstore import standard_transcoder, topic_event_type
+
+log = logging.getLogger(__name__)
+
+Statement = tuple[str, Sequence[Any]]
+
+
+class ReadModel(PostgresTrackingRecorder):
+    """A tracking recorder that also owns the projection's tables.
+
+    Subclasses list their DDL in `tables` (with `{schema}` where the schema goes) and write
+    through `apply`, which commits the statements together with the tracking position.
+    """
+
+    tables: Sequence[str] = ()
+
+    def __init__(self, datastore: Any, **kwargs: Any) -> None:
+        super().__init__(datastore, **kwargs)
+        schema = self.datastore.schema
+        for ddl in self.tables:
+            self.sql_create_statements.append(SQL(ddl.format(schema=schema)))  # type: ignore[arg-type]
+        self.channel = projection_channel(f"{schema}.{self.tracking_table_name}")
+
+    @property
+    def schema(self) -> str:
+        return self.datastore.schema
+
+    def apply(self, tracking: Tracking, statements: Iterable[Statement] = ()) -> None:
+        """Run the statements and record the tracking position in one transaction."""
+        with self.datastore.transaction(commit=True) as curs:
+            for sql, params in statements:
+                curs.execute(sql.format(schema=self.schema), params)  # type: ignore[arg-type]
+            self._insert_tracking(curs, tracking)
+            curs.execute(SQL("NOTIFY {}").format(Identifier(self.channel)))
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Read the projection's own tables while processing (the same connection pool)."""
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(sql.format(schema=self.schema), params)  # type: ignore[arg-type]
+            return list(curs.fetchall())
+
+
+@dataclass(frozen=True)
+class ContractEvent:
+    """A stored event as the contract describes it, decoded without the producer's classes."""
+
+    type: str
+    originator_id: uuid.UUID
+    version: int
+    data: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def timestamp(self) -> datetime:
+        return self.data["timestamp"]
+
+
+class ContractMapper(Mapper[uuid.UUID]):
+    def to_domain_event(self, stored_event: StoredEvent) -> Any:  # type: ignore[override]
+        state = self.transcoder.decode(stored_event.state)
+        meta = state.pop("meta", {}) or {}
+        return ContractEvent(
+            type=topic_event_type(stored_event.topic),
+            originator_id=uuid.UUID(str(stored_event.originator_id)),
+            version=stored_event.originator_version,
+            data=state,
+            meta=meta,
+        )
+
+    def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        raise TypeError("a followed log is read-only")
+
+
+class FollowedLog(Application[uuid.UUID]):
+    """Reads another service's event log as contract events. Never writes it."""
+
+    def construct_mapper(self) -> Mapper[uuid.UUID]:
+        return self.factory.mapper(transcoder=standard_transcoder(), mapper_class=ContractMapper)
+
+
+def followed_log(name: str) -> type[Application[uuid.UUID]]:
+    """A stand-in for the application named `name` (its log's table is `<name>_events`)."""
+    return type(name, (FollowedLog,), {"name": name})
+
+
+@dataclass
+class ProjectionSpec:
+    """One projection runner: which log it follows and what it writes."""
+
+    application_class: type[Application[Any]]
+    projection_class: type[Projection[Any]]
+    view_class: type[ReadModel]
+    application_schema: str
+    view_schema: str
+
+    def env(self, database_url: str) -> dict[str, str]:
+        app_name = self.application_class.name.upper()
+        env: dict[str, str] = {}
+        is_foreign = self.application_schema != self.view_schema
+        for key, value in eventsourcing_env(
+            database_url, self.application_schema, create_table=not is_foreign
+        ).items():
+            env[f"{app_name}_{key}"] = value
+        for key, value in eventsourcing_env(database_url, self.view_schema).items():
+            env[f"{self.projection_class.name.upper()}_{key}"] = value
+        return env
+
+    @property
+    def tracking_table(self) -> str:
+        return f"{self.view_schema}.{self.projection_class.name.lower()}_tracking"
+
+
+class ProjectionThread(threading.Thread):
+    """Keeps one projection runner going: if it stops on an error (say the database went
+    away), it is started again after a pause and resumes from its tracking position."""
+
+    def __init__(self, spec: ProjectionSpec, database_url: str, retry_after: float = 1.0):
+        super().__init__(name=f"projection-{spec.projection_class.name}", daemon=True)
+        self.spec = spec
+        self.database_url = database_url
+        self.retry_after = retry_after
+        self.stopping = threading.Event()
+        self.running = threading.Event()
+        self.last_error: str | None = None
+        self._runner: ProjectionRunner[Any, Any] | None = None
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                with ProjectionRunner(
+                    application_class=self.spec.application_class,
+                    projection_class=self.spec.projection_class,
+                    view_class=self.spec.view_class,
+                    env=self.spec.env(self.database_url),
+                ) as runner:
+                    self._runner = runner
+                    self.running.set()
+                    self.last_error = None
+                    while not self.stopping.is_set():
+                        runner.run_forever(timeout=0.5)
+                        if runner.is_interrupted.is_set():
+                            break
+            except Exception as e:  # noqa: BLE001 - any failure restarts the runner
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.warning("projection %s stopped: %s", self.spec.projection_class.name, e)
+            finally:
+                self.running.clear()
+                self._runner = None
+            self.stopping.wait(self.retry_after)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        runner = self._runner
+        if runner is not None:
+            runner.stop()

@@ -1,0 +1,56 @@
+"""Pydantic building blocks shared by the REST contracts: camelCase JSON, pagination, the
+answer to a write."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from services.common.problems import Problem
+
+T = TypeVar("T")
+
+
+class ApiModel(BaseModel):
+    """JSON in camelCase; unknown fields are refused so that typos do not pass silently."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
+                              serialize_by_alias=True)
+
+    @classmethod
+    def from_row(cls, row: Any, **overrides: Any) -> Any:
+        """Build from a database row, taking the fields this model has."""
+        values = {k: row[k] for k in cls.model_fields if k in row.keys() and k not in overrides}
+        return cls(**values, **overrides)
+
+
+class WriteResult(ApiModel):
+    id: UUID
+    version: int = Field(description="The aggregate's version after the write; its ETag.")
+    position: int = Field(description="Log position of the write's last event, for Tandem-Wait-For.")
+
+
+class Page(ApiModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = Field(None, description="Pass as `after` for the next page.")
+
+
+def encode_cursor(*values: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps([str(v) for v in values]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, arity: int) -> list[str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        values = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if not isinstance(values, list) or len(values) != arity or not all(isinstance(v, str) for v in values):
+            raise ValueError
+        return values
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Problem(400, "Bad Request", "The cursor is not one this service gave out.",
+                      kind="bad-cursor") from e

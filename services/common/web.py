@@ -1,0 +1,225 @@
+"""What every service's HTTP app shares: start-up and shut-down of the database pool and the
+projection threads, problem details, health and readiness, the command context of a request,
+and read-your-writes positions.
+
+Positions: a write answers with the header `Tandem-Position: <log>=<n>` (and `position` in its
+body); a read sent with `Tandem-Wait-For: <log>=<n>[, <log>=<n>]` is answered once the read
+model has processed those positions, or with 504 if it does not within the read timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi.responses import JSONResponse
+
+from services.common import database
+from services.common.auth import Principal, TokenVerifier
+from services.common.eventstore import CommandContext, new_correlation_id
+from services.common.problems import Problem, ProblemDetail, install_problem_handlers
+from services.common.projections import ProjectionSpec, ProjectionThread
+from services.common.settings import ServiceSettings
+from services.common.telemetry import current_trace_id, setup_telemetry, shutdown_telemetry
+
+log = logging.getLogger(__name__)
+
+POSITION_HEADER = "Tandem-Position"
+WAIT_HEADER = "Tandem-Wait-For"
+CORRELATION_HEADER = "X-Correlation-ID"
+
+# Error answers every operation may give, documented once for the OpenAPI contracts.
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ProblemDetail, "content": {"application/problem+json": {}}, "description": text}
+    for status, text in {400: "Bad request", 401: "Missing or invalid bearer token",
+                         403: "The token's role may not do this", 404: "Not found",
+                         422: "Invalid input, or a domain rule violated",
+                         504: "The read model did not reach the requested position in time"}.items()
+}
+WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **PROBLEM_RESPONSES,
+    409: {"model": ProblemDetail, "content": {"application/problem+json": {}},
+          "description": "Conflicting concurrent change"},
+    412: {"model": ProblemDetail, "content": {"application/problem+json": {}},
+          "description": "If-Match names a stale version"},
+}
+
+
+@dataclass(frozen=True)
+class TrackedLog:
+    """An event log a service's read model follows: its name in positions, and where its
+    tracking rows are."""
+
+    name: str
+    tracking_table: str
+    application_name: str
+
+
+def parse_positions(header: str | None) -> dict[str, int]:
+    if not header:
+        return {}
+    out: dict[str, int] = {}
+    for part in header.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep or not value.strip().isdigit():
+            raise Problem(400, "Bad Request", f"{WAIT_HEADER} must look like 'goals=42, metrics=7'.",
+                          kind="bad-position")
+        out[name.strip()] = int(value)
+    return out
+
+
+def format_position(log_name: str, position: int) -> str:
+    return f"{log_name}={position}"
+
+
+def create_service_app(
+    *,
+    settings: ServiceSettings,
+    title: str,
+    description: str,
+    version: str = "1.0.0",
+    tracked_logs: Sequence[TrackedLog],
+    projections: Sequence[ProjectionSpec],
+    start_write_side: Callable[[], Any] | None = None,
+    stop_write_side: Callable[[Any], None] | None = None,
+    domain_errors: tuple[type[Exception], ...] = (),
+    openapi_tags: list[dict[str, Any]] | None = None,
+) -> FastAPI:
+    """A FastAPI app with the plumbing every Tandem service has.
+
+    `start_write_side` builds the service's `eventsourcing` application (in a thread, since it
+    connects with psycopg); the result is `app.state.application`.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(database.ensure_schema, settings.database_url, settings.schema_name)
+        if start_write_side is not None:
+            app.state.application = await asyncio.to_thread(start_write_side)
+        app.state.pool = await database.create_pool(
+            settings.database_url, settings.schema_name, settings.database_pool_size
+        )
+        threads = [ProjectionThread(spec, settings.database_url) for spec in projections]
+        if settings.run_projections:
+            for t in threads:
+                t.start()
+        app.state.projection_threads = threads
+        try:
+            yield
+        finally:
+            for t in threads:
+                t.stop()
+            for t in threads:
+                if t.is_alive():
+                    await asyncio.to_thread(t.join, 10)
+            await app.state.pool.close()
+            if start_write_side is not None and stop_write_side is not None:
+                await asyncio.to_thread(stop_write_side, app.state.application)
+            shutdown_telemetry(app)
+
+    app = FastAPI(title=title, description=description, version=version, lifespan=lifespan,
+                  openapi_tags=openapi_tags)
+    app.state.settings = settings
+    app.state.tracked_logs = {t.name: t for t in tracked_logs}
+    app.state.token_verifier = TokenVerifier(settings)
+    install_problem_handlers(app, domain_errors)
+    setup_telemetry(app, settings)
+
+    @app.get("/healthz", tags=["operations"], include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], include_in_schema=False)
+    async def readyz(request: Request) -> JSONResponse:
+        checks: dict[str, Any] = {}
+        ok = True
+        try:
+            await request.app.state.pool.fetchval("SELECT 1")
+            checks["database"] = "ok"
+        except (OSError, asyncpg.PostgresError) as e:
+            checks["database"] = f"unreachable: {type(e).__name__}"
+            ok = False
+        for t in request.app.state.projection_threads:
+            state = "running" if t.running.is_set() else f"not running ({t.last_error or 'starting'})"
+            checks[f"projection:{t.spec.projection_class.name}"] = state
+            ok = ok and (t.running.is_set() or not settings.run_projections)
+        for tracked in request.app.state.tracked_logs.values():
+            try:
+                checks[f"position:{tracked.name}"] = await database.tracking_position(
+                    request.app.state.pool, tracked.tracking_table, tracked.application_name)
+            except asyncpg.PostgresError:
+                checks[f"position:{tracked.name}"] = None
+        return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
+                            status_code=200 if ok else 503)
+
+    return app
+
+
+async def get_pool(request: Request) -> asyncpg.Pool:
+    return request.app.state.pool
+
+
+async def wait_for_read_model(
+    request: Request,
+    wait_for: Annotated[
+        str | None,
+        Header(alias=WAIT_HEADER, description="Positions to wait for before reading, e.g. 'goals=42'."),
+    ] = None,
+) -> None:
+    """Read-your-writes: hold the read until the read model has caught up."""
+    wanted = parse_positions(wait_for)
+    if not wanted:
+        return
+    logs: dict[str, TrackedLog] = request.app.state.tracked_logs
+    settings: ServiceSettings = request.app.state.settings
+    for name, position in wanted.items():
+        tracked = logs.get(name)
+        if tracked is None:
+            raise Problem(400, "Bad Request", f"Unknown log {name!r}; this service follows: "
+                          f"{', '.join(sorted(logs))}.", kind="bad-position")
+        reached = await database.wait_for_position(
+            request.app.state.pool, tracked.tracking_table, tracked.application_name, position,
+            settings.read_wait_timeout_seconds)
+        if not reached:
+            raise Problem(504, "Gateway Timeout",
+                          f"The read model has not reached {name}={position} yet; retry.",
+                          kind="read-model-behind", headers={"Retry-After": "1"})
+
+
+ReadYourWrites = Annotated[None, Depends(wait_for_read_model)]
+
+
+def command_context(request: Request, principal: Principal) -> CommandContext:
+    return CommandContext(
+        actor=principal.subject,
+        correlation_id=request.headers.get(CORRELATION_HEADER) or new_correlation_id(),
+        trace_id=current_trace_id(),
+    )
+
+
+def set_position(response: Response, log_name: str, position: int) -> None:
+    response.headers[POSITION_HEADER] = format_position(log_name, position)
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def if_match_version(if_match: str | None) -> int | None:
+    """The aggregate version an If-Match header names (None when absent or '*')."""
+    if if_match is None or if_match.strip() == "*":
+        return None
+    value = if_match.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    value = value.strip('"')
+    if not value.isdigit():
+        raise Problem(400, "Bad Request", "If-Match must be an ETag this service gave, like \"3\".",
+                      kind="bad-if-match")
+    return int(value)
