@@ -1,5 +1,6 @@
 """Fixtures every test shares: a fresh PostgreSQL database per test session, tokens, and
-in-process service apps.
+in-process service apps. Unit tests (tests/unit) use none of the database fixtures; the
+integration and end-to-end folders switch `service_environment` on for all their tests.
 
 The server is the one `DATABASE_URL` names (CI's PostgreSQL) or, when it is unset, the embedded
 one that `services.stack test` started and named in `DATABASE_URL` before running pytest. Each
@@ -51,7 +52,7 @@ def database_url() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def service_environment(database_url: str) -> Iterator[None]:
     """What every in-process service and subprocess in the tests reads from the environment."""
     saved = dict(os.environ)
