@@ -13,7 +13,7 @@ SUBJECT ?= dev
 
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 
-.PHONY: run test token contracts bench clean-data help
+.PHONY: run test token contracts clean-data help
 
 help:
 	@echo "make run | make test | make token ROLE=admin | make contracts | make clean-data"

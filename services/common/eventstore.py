@@ -177,14 +177,22 @@ def topic_event_type(topic: str) -> str:
     return "".join(qualname.split("."))
 
 
+def event_classes(aggregate: type) -> list[type]:
+    """The event classes an aggregate records: its nested events, less the library's base
+    `Event` class and a default `Created` class the aggregate does not use (an aggregate whose
+    creation event is named otherwise, such as `KPI.Defined`, still inherits one)."""
+    from eventsourcing.domain import CanInitAggregate, CanMutateAggregate, _created_event_classes
+
+    used_created = set(_created_event_classes.get(aggregate, ()))
+    return [
+        v for k, v in vars(aggregate).items()
+        if isinstance(v, type) and issubclass(v, CanMutateAggregate) and k != "Event"
+        and (not issubclass(v, CanInitAggregate) or v in used_created)
+    ]
+
+
 def event_types(aggregates: Sequence[type]) -> dict[str, type]:
-    """Contract event type name -> event class, for every event the aggregates define."""
-    from eventsourcing.domain import CanMutateAggregate
+    """Contract event type name -> event class, for every event the aggregates record."""
     from eventsourcing.utils import get_topic
 
-    found: dict[str, type] = {}
-    for aggregate in aggregates:
-        for value in vars(aggregate).values():
-            if isinstance(value, type) and issubclass(value, CanMutateAggregate):
-                found[topic_event_type(get_topic(value))] = value
-    return found
+    return {topic_event_type(get_topic(c)): c for a in aggregates for c in event_classes(a)}

@@ -21,9 +21,10 @@ from datetime import datetime
 from typing import Any
 
 from eventsourcing.application import Application
-from eventsourcing.persistence import Mapper, StoredEvent, Tracking
+from eventsourcing.persistence import InfrastructureFactory, Mapper, StoredEvent, Tracking
 from eventsourcing.postgres import PostgresTrackingRecorder
 from eventsourcing.projection import Projection, ProjectionRunner
+from eventsourcing.utils import Environment
 from psycopg.sql import SQL, Identifier
 
 from services.common.database import eventsourcing_env, projection_channel
@@ -137,6 +138,16 @@ class ProjectionSpec:
     @property
     def tracking_table(self) -> str:
         return f"{self.view_schema}.{self.projection_class.name.lower()}_tracking"
+
+    def create_tables(self, database_url: str) -> None:
+        """Create the read model's tables (tracking included) now, so that a read that waits
+        on a position finds them before the projection thread has got going."""
+        env = Environment(self.projection_class.name, eventsourcing_env(database_url, self.view_schema))
+        factory = InfrastructureFactory.construct(env)
+        try:
+            factory.tracking_recorder(self.view_class)
+        finally:
+            factory.close()
 
 
 class ProjectionThread(threading.Thread):

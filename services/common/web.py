@@ -100,6 +100,8 @@ def create_service_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(database.ensure_schema, settings.database_url, settings.schema_name)
+        for spec in projections:
+            await asyncio.to_thread(spec.create_tables, settings.database_url)
         if start_write_side is not None:
             app.state.application = await asyncio.to_thread(start_write_side)
         app.state.pool = await database.create_pool(
