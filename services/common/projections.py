@@ -55,6 +55,13 @@ class ReadModel(PostgresTrackingRecorder):
     def schema(self) -> str:
         return self.datastore.schema
 
+    def _create_table(self, curs: Any) -> None:
+        """Runners that share a read model (the gateway's follows two logs) and the API's own
+        start-up create these tables at the same moment; concurrent CREATE ... IF NOT EXISTS can
+        still collide in the catalogue, so they take turns."""
+        curs.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{self.schema}.{self.tracking_table_name}",))
+        super()._create_table(curs)
+
     def apply(self, tracking: Tracking, statements: Iterable[Statement] = ()) -> None:
         """Run the statements and record the tracking position in one transaction."""
         with self.datastore.transaction(commit=True) as curs:
@@ -151,20 +158,26 @@ class ProjectionSpec:
 
 
 class ProjectionThread(threading.Thread):
-    """Keeps one projection runner going: if it stops on an error (say the database went
-    away), it is started again after a pause and resumes from its tracking position."""
+    """Keeps one projection runner going: if it stops on an error (the database went away, or
+    the followed log's table does not exist yet because its service is still starting), it is
+    started again after a pause, doubling up to `max_pause`, and resumes from its tracking
+    position."""
 
-    def __init__(self, spec: ProjectionSpec, database_url: str, retry_after: float = 1.0):
-        super().__init__(name=f"projection-{spec.projection_class.name}", daemon=True)
+    def __init__(self, spec: ProjectionSpec, database_url: str, first_pause: float = 0.2,
+                 max_pause: float = 5.0):
+        super().__init__(name=f"projection-{spec.projection_class.name}-{spec.application_class.name}",
+                         daemon=True)
         self.spec = spec
         self.database_url = database_url
-        self.retry_after = retry_after
+        self.first_pause = first_pause
+        self.max_pause = max_pause
         self.stopping = threading.Event()
         self.running = threading.Event()
         self.last_error: str | None = None
         self._runner: ProjectionRunner[Any, Any] | None = None
 
     def run(self) -> None:
+        pause = self.first_pause
         while not self.stopping.is_set():
             try:
                 with ProjectionRunner(
@@ -176,17 +189,21 @@ class ProjectionThread(threading.Thread):
                     self._runner = runner
                     self.running.set()
                     self.last_error = None
+                    pause = self.first_pause
                     while not self.stopping.is_set():
                         runner.run_forever(timeout=0.5)
                         if runner.is_interrupted.is_set():
                             break
             except Exception as e:  # noqa: BLE001 - any failure restarts the runner
                 self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("projection %s stopped: %s", self.spec.projection_class.name, e)
+                level = logging.INFO if "does not exist" in str(e) else logging.WARNING
+                log.log(level, "projection %s on %s stopped, retrying in %.1fs: %s",
+                        self.spec.projection_class.name, self.spec.application_class.name, pause, e)
             finally:
                 self.running.clear()
                 self._runner = None
-            self.stopping.wait(self.retry_after)
+            self.stopping.wait(pause)
+            pause = min(pause * 2, self.max_pause)
 
     def stop(self) -> None:
         self.stopping.set()

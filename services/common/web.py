@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import asyncpg
 from fastapi import Depends, FastAPI, Header, Request, Response
+from starlette.requests import HTTPConnection
 from fastapi.responses import JSONResponse
 
 from services.common import database
@@ -168,7 +169,7 @@ async def get_pool(request: Request) -> asyncpg.Pool:
 
 
 async def wait_for_read_model(
-    request: Request,
+    request: HTTPConnection,
     wait_for: Annotated[
         str | None,
         Header(alias=WAIT_HEADER, description="Positions to wait for before reading, e.g. 'goals=42'."),
@@ -197,7 +198,7 @@ async def wait_for_read_model(
 ReadYourWrites = Annotated[None, Depends(wait_for_read_model)]
 
 
-def command_context(request: Request, principal: Principal) -> CommandContext:
+def command_context(request: HTTPConnection, principal: Principal) -> CommandContext:
     return CommandContext(
         actor=principal.subject,
         correlation_id=request.headers.get(CORRELATION_HEADER) or new_correlation_id(),

@@ -1,0 +1,158 @@
+"""Scoring and roll-up of the alignment tree, and KPI states: pure functions, no infrastructure.
+
+The gateway keeps its own copy of the rules of DESIGN.md ("Scoring, exactly") rather than
+importing the goals service's domain: services share the contract, never code. The unit tests
+pin both copies to the same hand-computed numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from uuid import UUID
+
+RED_BELOW = 0.4
+GREEN_FROM = 0.7
+
+Weighted = tuple[float | None, float]
+"""A (score, weight) pair; a score of None is left out of a mean."""
+
+
+def band(score: float | None) -> str | None:
+    """red < 0.4 <= yellow < 0.7 <= green; no score, no band."""
+    if score is None:
+        return None
+    if score < RED_BELOW:
+        return "red"
+    return "yellow" if score < GREEN_FROM else "green"
+
+
+def weighted_mean(pairs: Iterable[Weighted]) -> float | None:
+    """Weighted mean of the pairs that have a score (and a positive weight); None if none."""
+    scored = [(s, w) for s, w in pairs if s is not None and w > 0]
+    total = sum(w for _, w in scored)
+    return sum(s * w for s, w in scored) / total if scored else None
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What a key result measures, as its KeyResultCreated event described it.
+
+    A measure the goals service would have refused (start == target, a missing bound) scores
+    None here rather than failing: a read model shows what it can.
+    """
+
+    kind: str
+    start: float | None = None
+    target: float | None = None
+    low: float | None = None
+    high: float | None = None
+    milestone_weights: Sequence[float] = ()
+
+    def score(self, current: float | None) -> float | None:
+        """0.0-1.0 for the latest value; None before the first check-in."""
+        if current is None:
+            return None
+        k, start, target = self.kind, self.start, self.target
+        if k in ("increase_to", "decrease_to"):
+            if start is None or target is None or start == target:
+                return None
+            return max(0.0, min(1.0, (current - start) / (target - start)))
+        if k in ("stay_above", "stay_below"):
+            if target is None:
+                return None
+            holds = current >= target if k == "stay_above" else current <= target
+            return 1.0 if holds else 0.0
+        if k == "stay_within":
+            if self.low is None or self.high is None:
+                return None
+            return 1.0 if self.low <= current <= self.high else 0.0
+        if k == "done":
+            return 1.0 if current >= 1 else 0.0
+        if k == "milestones":
+            total = sum(self.milestone_weights)
+            if total <= 0:
+                return None
+            reached = max(0, min(int(current), len(self.milestone_weights)))
+            return sum(self.milestone_weights[:reached]) / total
+        return None
+
+
+@dataclass(frozen=True)
+class ObjectiveNode:
+    """What the roll-up needs of one objective: whom it aligns to and its KRs' (score, weight)."""
+
+    parent_id: UUID | None
+    key_results: Sequence[Weighted] = field(default_factory=tuple)
+
+    @property
+    def score(self) -> float | None:
+        return weighted_mean(self.key_results)
+
+
+def rolled_up_scores(objectives: Mapping[UUID, ObjectiveNode]) -> dict[UUID, float | None]:
+    """Each objective's rolledUpScore: the weighted mean over its own KRs (their weights) and the
+    objectives aligned to it (weight 1 each, with their own rolledUpScore), leaving out those
+    with no score.
+
+    Objectives whose parent is not in `objectives` are roots here. An alignment loop (which the
+    goals service refuses) cannot recurse forever: the edge that closes it counts as no score.
+    """
+    children: dict[UUID, list[UUID]] = {}
+    for oid, node in objectives.items():
+        if node.parent_id is not None and node.parent_id in objectives:
+            children.setdefault(node.parent_id, []).append(oid)
+    done: dict[UUID, float | None] = {}
+    visiting: set[UUID] = set()
+
+    def visit(oid: UUID) -> float | None:
+        if oid in done:
+            return done[oid]
+        if oid in visiting:
+            return None
+        visiting.add(oid)
+        pairs = [*objectives[oid].key_results, *((visit(c), 1.0) for c in children.get(oid, ()))]
+        visiting.discard(oid)
+        done[oid] = weighted_mean(pairs)
+        return done[oid]
+
+    for oid in objectives:
+        visit(oid)
+    return done
+
+
+# KPIs ------------------------------------------------------------------------------------
+
+def violates(kind: str, value: float, threshold: float | None, low: float | None,
+             high: float | None) -> bool:
+    """Whether one measurement breaks a threshold rule (below / above / outside [low, high])."""
+    if kind == "below":
+        return threshold is not None and value < threshold
+    if kind == "above":
+        return threshold is not None and value > threshold
+    if kind == "outside":
+        return (low is not None and value < low) or (high is not None and value > high)
+    return False
+
+
+def rule_state(breached: bool, violations: int) -> str:
+    """breached from KPIThresholdBreached until KPIRecovered; pending while consecutive
+    violations are counting towards the rule's pending window; else ok.
+
+    The metrics service decides when a rule fires, so a count that has reached the window shows
+    as pending until its KPIThresholdBreached arrives (the next event in the log).
+    """
+    if breached:
+        return "breached"
+    return "pending" if violations > 0 else "ok"
+
+
+def kpi_state(measured: bool, rule_states: Iterable[str]) -> str:
+    """no_data before the first measurement; else the worst of its rules' states."""
+    if not measured:
+        return "no_data"
+    states = set(rule_states)
+    for state in ("breached", "pending"):
+        if state in states:
+            return state
+    return "ok"

@@ -1,0 +1,106 @@
+"""The gateway's scoring, roll-up and KPI states, against numbers computed by hand."""
+
+from __future__ import annotations
+
+from uuid import uuid4
+
+import pytest
+
+from services.gateway.domain import (
+    Measure,
+    ObjectiveNode,
+    band,
+    kpi_state,
+    rolled_up_scores,
+    rule_state,
+    violates,
+    weighted_mean,
+)
+
+
+@pytest.mark.parametrize(("measure", "current", "expected"), [
+    (Measure("decrease_to", start=8, target=3), 5.5, 0.5),         # DESIGN.md's example
+    (Measure("decrease_to", start=8, target=3), 9, 0.0),           # worse than the start: clamped
+    (Measure("decrease_to", start=8, target=3), 2, 1.0),           # past the target: clamped
+    (Measure("increase_to", start=10, target=50), 20, 0.25),
+    (Measure("increase_to", start=10, target=50), None, None),     # no check-in: no score, not 0
+    (Measure("increase_to", start=10, target=10), 10, None),       # a measure goals would refuse
+    (Measure("stay_above", target=99.9), 99.9, 1.0),
+    (Measure("stay_above", target=99.9), 99.8, 0.0),
+    (Measure("stay_below", target=200), 200, 1.0),
+    (Measure("stay_below", target=200), 201, 0.0),
+    (Measure("stay_within", low=1, high=2), 1.5, 1.0),
+    (Measure("stay_within", low=1, high=2), 2.5, 0.0),
+    (Measure("done"), 1, 1.0),
+    (Measure("done"), 0, 0.0),
+    (Measure("milestones", milestone_weights=(1, 1, 2)), 2, 0.5),
+    (Measure("milestones", milestone_weights=(1, 1, 2)), 3, 1.0),
+    (Measure("milestones", milestone_weights=(1, 1, 2)), 0, 0.0),
+])
+def test_key_result_scores(measure: Measure, current: float | None, expected: float | None) -> None:
+    assert measure.score(current) == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_bands_have_inclusive_lower_edges() -> None:
+    assert [band(s) for s in (None, 0.0, 0.399, 0.4, 0.699, 0.7, 1.0)] == [
+        None, "red", "red", "yellow", "yellow", "green", "green"]
+
+
+def test_weighted_mean_leaves_out_missing_scores() -> None:
+    assert weighted_mean([(0.5, 1), (None, 3), (1.0, 3)]) == pytest.approx((0.5 + 3.0) / 4)
+    assert weighted_mean([(None, 1)]) is None
+    assert weighted_mean([]) is None
+
+
+def test_roll_up_counts_aligned_objectives_with_weight_one() -> None:
+    a, b, c, d = (uuid4() for _ in range(4))
+    tree = {
+        a: ObjectiveNode(None, [(0.5, 1.0), (None, 3.0)]),    # score 0.5
+        b: ObjectiveNode(a, [(1.0, 1.0), (0.5, 1.0)]),       # score 0.75
+        c: ObjectiveNode(b, [(1.0, 2.0), (0.4, 1.0)]),       # score 0.8
+        d: ObjectiveNode(a, []),                             # no score: left out
+    }
+    rolled = rolled_up_scores(tree)
+    assert tree[b].score == pytest.approx(0.75)
+    assert rolled[c] == pytest.approx(0.8)
+    assert rolled[b] == pytest.approx((1.0 + 0.5 + 0.8) / 3)           # 0.7667
+    assert rolled[a] == pytest.approx((0.5 + (1.0 + 0.5 + 0.8) / 3) / 2)  # 0.6333
+    assert rolled[d] is None
+
+
+def test_roll_up_of_an_objective_without_key_results_is_its_children_mean() -> None:
+    a, b, c = uuid4(), uuid4(), uuid4()
+    rolled = rolled_up_scores({a: ObjectiveNode(None), b: ObjectiveNode(a, [(0.2, 5.0)]),
+                               c: ObjectiveNode(a, [(1.0, 1.0)])})
+    assert rolled[a] == pytest.approx(0.6)  # 0.2 and 1.0 at weight 1 each, not the KR weights
+
+
+def test_roll_up_treats_a_missing_parent_as_a_root_and_survives_a_loop() -> None:
+    a, b, outside = uuid4(), uuid4(), uuid4()
+    assert rolled_up_scores({a: ObjectiveNode(outside, [(0.3, 1.0)])}) == {a: pytest.approx(0.3)}
+    rolled = rolled_up_scores({a: ObjectiveNode(b, [(1.0, 1.0)]), b: ObjectiveNode(a, [(0.0, 1.0)])})
+    assert set(rolled) == {a, b}
+
+
+@pytest.mark.parametrize(("kind", "value", "threshold", "low", "high", "expected"), [
+    ("below", 99.0, 99.5, None, None, True),
+    ("below", 99.5, 99.5, None, None, False),
+    ("above", 201, 200, None, None, True),
+    ("above", 200, 200, None, None, False),
+    ("outside", 0.5, None, 1, 2, True),
+    ("outside", 2.5, None, 1, 2, True),
+    ("outside", 2.0, None, 1, 2, False),
+])
+def test_threshold_rules(kind: str, value: float, threshold: float | None, low: float | None,
+                         high: float | None, expected: bool) -> None:
+    assert violates(kind, value, threshold, low, high) is expected
+
+
+def test_kpi_states() -> None:
+    assert rule_state(breached=False, violations=0) == "ok"
+    assert rule_state(breached=False, violations=1) == "pending"
+    assert rule_state(breached=True, violations=0) == "breached"
+    assert kpi_state(False, []) == "no_data"
+    assert kpi_state(True, []) == "ok"
+    assert kpi_state(True, ["ok", "pending"]) == "pending"
+    assert kpi_state(True, ["pending", "breached", "ok"]) == "breached"
