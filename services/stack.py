@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,22 +144,31 @@ def resolve_database(data_dir: Path, pg_port: int) -> tuple[str, bool]:
     return devdb.start(data_dir, pg_port)
 
 
-def _wait_for_signal() -> None:
-    stop = {"now": False}
+class StopSignal:
+    """Ctrl-C (SIGINT) and SIGTERM: during start-up they abort it (cleaning up what started);
+    once the stack is serving they ask it to stop, however early in the banner they arrive."""
 
-    def handler(signum: int, frame: object) -> None:
-        stop["now"] = True
+    def __init__(self) -> None:
+        self.serving = False
+        self.requested = threading.Event()
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    while not stop["now"]:
-        signal.pause()
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.serving:
+            raise KeyboardInterrupt
+        self.requested.set()
+
+    def wait(self) -> None:
+        while not self.requested.wait(0.5):
+            pass
 
 
 def run(args: argparse.Namespace) -> int:
     from services import demo
     from services.common.auth import dev_secret, mint_token
 
+    stop = StopSignal()
     data_dir = Path(args.data_dir).resolve()
     database_url, started_db = resolve_database(data_dir / "postgres", args.pg_port)
     stack = Stack(database_url, args.gateway_port, args.goals_port, args.metrics_port,
@@ -170,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         token = mint_token(secret=secret, role="admin", subject="demo-loader")
         loaded = demo.load_if_empty(database_url, stack.url("goals"), stack.url("metrics"), stack.url("gateway"), token)
         print("Demo organisation loaded." if loaded else "Database already has data: demo not loaded.")
+        stop.serving = True
         print(f"""
 Tandem is running.
   GraphQL (GraphiQL in a browser)  {stack.url('gateway')}/graphql
@@ -179,10 +190,14 @@ Tandem is running.
   a token for requests             make token ROLE=admin
 Press Ctrl-C to stop.""", flush=True)
         if not args.once:
-            _wait_for_signal()
+            stop.wait()
         print("\nStopping ...", flush=True)
         return 0
+    except KeyboardInterrupt:
+        print("\nInterrupted during start-up; stopping ...", flush=True)
+        return 130
     finally:
+        stop.serving = True  # a second Ctrl-C must not cut the clean-up short
         stack.stop()
         if started_db:
             devdb.stop(data_dir / "postgres")
