@@ -7,7 +7,7 @@ check-ins and measurements so that scores and KPI states are not empty.
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -54,7 +54,7 @@ class Loader:
 
     def key_result(self, objective: str, title: str, check_ins: list[tuple[float, int, str]], **measure: Any) -> str:
         kr = self._post(self.goals, "goals", f"/v1/objectives/{objective}/key-results", {"title": title, **measure})
-        for weeks_ago, (value, confidence, note) in zip(range(len(check_ins) - 1, -1, -1), check_ins):
+        for weeks_ago, (value, confidence, note) in zip(range(len(check_ins) - 1, -1, -1), check_ins, strict=False):
             self._post(self.goals, "goals", f"/v1/key-results/{kr}/check-ins", {
                 "value": value, "confidence": confidence, "note": note,
                 "validOn": (date.today() - timedelta(weeks=weeks_ago)).isoformat()})
@@ -62,7 +62,7 @@ class Loader:
 
     def kpi(self, name: str, unit_id: str, measurements: list[float], **definition: Any) -> str:
         kpi = self._post(self.metrics, "metrics", "/v1/kpis", {"name": name, "unitId": unit_id, **definition})
-        now = datetime.now(timezone.utc).replace(microsecond=0)
+        now = datetime.now(UTC).replace(microsecond=0)
         for i, value in enumerate(measurements):
             measured_at = now - timedelta(days=len(measurements) - 1 - i)
             self._post(self.metrics, "metrics", f"/v1/kpis/{kpi}/measurements", {

@@ -26,7 +26,7 @@ ALGORITHM = "HS256"
 DEV_SECRET_FILE = DATA_DIR / "dev-jwt-secret"
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     admin = "admin"
     member = "member"
     hr_sync = "hr_sync"

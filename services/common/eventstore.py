@@ -106,6 +106,16 @@ class VersionMismatch(Exception):
         self.actual = actual
 
 
+@dataclass(frozen=True)
+class Written:
+    """What a command tells its caller: the aggregate, its new version (the ETag) and the log
+    position of the last event stored (for read-your-writes)."""
+
+    id: uuid.UUID
+    version: int
+    position: int
+
+
 class TandemApplication(Application[uuid.UUID]):
     """An `eventsourcing` Application that stamps metadata and reports log positions."""
 
@@ -118,10 +128,11 @@ class TandemApplication(Application[uuid.UUID]):
         super().register_transcodings(transcoder)
         transcoder.register(DateAsISO())
 
-    def save_for_position(self, *aggregates: MutableOrImmutableAggregate[uuid.UUID]) -> int:
-        """Save, and return the notification id of the last event stored (0 if none)."""
-        recordings = self.save(*aggregates)
-        return max((r.notification.id for r in recordings), default=0)
+    def save_written(self, aggregate: MutableOrImmutableAggregate[uuid.UUID]) -> Written:
+        """Save, and say where the aggregate's events landed."""
+        recordings = self.save(aggregate)
+        position = max((r.notification.id for r in recordings), default=0)
+        return Written(aggregate.id, aggregate.version, position)
 
     def position(self) -> int:
         return int(self.recorder.max_notification_id() or 0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
@@ -38,6 +40,27 @@ class WriteResult(ApiModel):
 class Page(ApiModel, Generic[T]):
     items: list[T]
     next_cursor: str | None = Field(None, description="Pass as `after` for the next page.")
+
+
+def decode_keyset(after: str | None) -> tuple[datetime | None, UUID | None]:
+    """The (created_at, id) a list's `after` cursor names; lists page on that pair so that a
+    page boundary never skips or repeats a row, whatever was created meanwhile."""
+    if not after:
+        return None, None
+    created_at, last_id = decode_cursor(after, 2)
+    try:
+        return datetime.fromisoformat(created_at), UUID(last_id)
+    except ValueError as e:
+        raise Problem(400, "Bad Request", "The cursor is not one this service gave out.",
+                      kind="bad-cursor") from e
+
+
+def keyset_next(rows: Sequence[Any], limit: int) -> tuple[Sequence[Any], str | None]:
+    """Split `limit + 1` fetched rows into the page and the cursor of the next (None: last page)."""
+    page = rows[:limit]
+    if len(rows) <= limit:
+        return page, None
+    return page, encode_cursor(page[-1]["created_at"].isoformat(), page[-1]["id"])
 
 
 def encode_cursor(*values: Any) -> str:

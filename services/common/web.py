@@ -18,14 +18,15 @@ from typing import Annotated, Any
 
 import asyncpg
 from fastapi import Depends, FastAPI, Header, Request, Response
-from starlette.requests import HTTPConnection
 from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
 
 from services.common import database
 from services.common.auth import Principal, TokenVerifier
-from services.common.eventstore import CommandContext, new_correlation_id
+from services.common.eventstore import CommandContext, Written, new_correlation_id, run_command
 from services.common.problems import Problem, ProblemDetail, install_problem_handlers
 from services.common.projections import ProjectionSpec, ProjectionThread
+from services.common.schemas import WriteResult
 from services.common.settings import ServiceSettings
 from services.common.telemetry import current_trace_id, setup_telemetry, shutdown_telemetry
 
@@ -208,6 +209,22 @@ def command_context(request: HTTPConnection, principal: Principal) -> CommandCon
 
 def set_position(response: Response, log_name: str, position: int) -> None:
     response.headers[POSITION_HEADER] = format_position(log_name, position)
+
+
+async def execute_write(
+    request: Request, response: Response, principal: Principal, log_name: str,
+    command: Callable[..., Written], *args: Any, status: int = 201, location: str | None = None,
+    **kwargs: Any,
+) -> WriteResult:
+    """Run a command under the request's context and answer as every write does: the status,
+    `ETag` (the new version), `Location` (with `{id}` filled in) and `Tandem-Position`."""
+    written = await run_command(command_context(request, principal), command, *args, **kwargs)
+    response.status_code = status
+    response.headers["ETag"] = etag(written.version)
+    if location:
+        response.headers["Location"] = location.format(id=written.id)
+    set_position(response, log_name, written.position)
+    return WriteResult(id=written.id, version=written.version, position=written.position)
 
 
 def etag(version: int) -> str:

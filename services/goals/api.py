@@ -7,7 +7,7 @@ asyncpg. Every error is RFC 9457 problem details (services.common.problems).
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from uuid import UUID
 
 import asyncpg
@@ -15,22 +15,28 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Respons
 from pydantic import Field, model_validator
 
 from services.common.auth import READERS, WRITERS, Principal, require
-from services.common.eventstore import run_command
 from services.common.problems import Problem
-from services.common.schemas import ApiModel, Page, WriteResult, decode_cursor, encode_cursor
+from services.common.schemas import (
+    ApiModel,
+    Page,
+    WriteResult,
+    decode_cursor,
+    decode_keyset,
+    encode_cursor,
+    keyset_next,
+)
 from services.common.web import (
     PROBLEM_RESPONSES,
     WRITE_RESPONSES,
     ReadYourWrites,
     TrackedLog,
-    command_context,
     create_service_app,
     etag,
+    execute_write,
     get_pool,
     if_match_version,
-    set_position,
 )
-from services.goals.application import Goals, Written
+from services.goals.application import Goals
 from services.goals.domain import DomainError, KeyResultKind, OwnerKind, UnitKind, band
 from services.goals.projections import GOALS_PROJECTIONS
 from services.goals.settings import GoalsSettings
@@ -208,21 +214,10 @@ def _app(request: Request) -> Goals:
     return request.app.state.application
 
 
-async def _write(request: Request, response: Response, principal: Principal, fn: Any, *args: Any,
-                 status: int = 201, location: str | None = None, **kwargs: Any) -> WriteResult:
-    written: Written = await run_command(command_context(request, principal), fn, *args, **kwargs)
-    response.status_code = status
-    response.headers["ETag"] = etag(written.version)
-    if location:
-        response.headers["Location"] = location.format(id=written.id)
-    set_position(response, LOG, written.position)
-    return WriteResult(id=written.id, version=written.version, position=written.position)
-
-
 @router.post("/units", status_code=201, tags=["org units"], responses=WRITE_RESPONSES)
 async def create_unit(body: UnitIn, request: Request, response: Response, principal: Writer) -> WriteResult:
     """Create a company, department or team under a parent unit."""
-    return await _write(request, response, principal, _app(request).create_unit,
+    return await execute_write(request, response, principal, LOG, _app(request).create_unit,
                         name=body.name, kind=body.kind, parent_id=body.parent_id,
                         location="/v1/units/{id}")
 
@@ -252,7 +247,7 @@ async def get_unit(unit_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites, res
 @router.post("/cycles", status_code=201, tags=["cycles"], responses=WRITE_RESPONSES)
 async def create_cycle(body: CycleIn, request: Request, response: Response, principal: Writer) -> WriteResult:
     """Create a quarter or a year; `status: active` opens it at once."""
-    return await _write(request, response, principal, _app(request).create_cycle,
+    return await execute_write(request, response, principal, LOG, _app(request).create_cycle,
                         name=body.name, starts_on=body.starts_on, ends_on=body.ends_on,
                         activate=body.status == "active", location="/v1/cycles/{id}")
 
@@ -275,7 +270,7 @@ async def get_cycle(cycle_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites, r
 @router.post("/objectives", status_code=201, tags=["objectives"], responses=WRITE_RESPONSES)
 async def create_objective(body: ObjectiveIn, request: Request, response: Response, principal: Writer) -> WriteResult:
     """Create an objective in a cycle for a unit, optionally aligned to a parent objective."""
-    return await _write(request, response, principal, _app(request).create_objective,
+    return await execute_write(request, response, principal, LOG, _app(request).create_objective,
                         title=body.title, description=body.description, owner_kind=body.owner.kind,
                         owner_id=body.owner.id, unit_id=body.unit_id, cycle_id=body.cycle_id,
                         parent_id=body.parent_id, location="/v1/objectives/{id}")
@@ -302,13 +297,7 @@ async def list_objectives(
     after: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Page[ObjectiveOut]:
     """Objectives with their key results and scores, oldest first, a page at a time."""
-    created_at, last_id = (None, None)
-    if after:
-        c, i = decode_cursor(after, 2)
-        try:
-            created_at, last_id = datetime.fromisoformat(c), UUID(i)
-        except ValueError as e:
-            raise Problem(400, "Bad Request", "The cursor is not one this service gave out.", kind="bad-cursor") from e
+    created_at, last_id = decode_keyset(after)
     rows = await pool.fetch(
         """SELECT * FROM objectives
            WHERE ($1::uuid IS NULL OR cycle_id = $1) AND ($2::uuid IS NULL OR unit_id = $2)
@@ -316,10 +305,8 @@ async def list_objectives(
              AND ($5::timestamptz IS NULL OR (created_at, id) > ($5, $6::uuid))
            ORDER BY created_at, id LIMIT $7""",
         cycle, unit, owner, status, created_at, last_id, limit + 1)
-    page = rows[:limit]
-    items = await _objectives_with_key_results(pool, page)
-    nxt = encode_cursor(page[-1]["created_at"].isoformat(), page[-1]["id"]) if len(rows) > limit else None
-    return Page(items=items, next_cursor=nxt)
+    page, next_cursor = keyset_next(rows, limit)
+    return Page(items=await _objectives_with_key_results(pool, page), next_cursor=next_cursor)
 
 
 @router.get("/objectives/{objective_id}", tags=["objectives"])
@@ -336,7 +323,7 @@ async def get_objective(objective_id: UUID, pool: Pool, _: Reader, __: ReadYourW
 async def align_objective(objective_id: UUID, body: AlignmentIn, request: Request, response: Response,
                           principal: Writer, if_match: IfMatch = None) -> WriteResult:
     """Align the objective to a parent objective (or to none); alignment never forms a cycle."""
-    return await _write(request, response, principal, _app(request).align_objective,
+    return await execute_write(request, response, principal, LOG, _app(request).align_objective,
                         objective_id, body.parent_id, if_match_version(if_match), status=200)
 
 
@@ -345,8 +332,7 @@ async def align_objective(objective_id: UUID, body: AlignmentIn, request: Reques
 async def add_key_result(objective_id: UUID, body: KeyResultIn, request: Request, response: Response,
                          principal: Writer) -> WriteResult:
     """Add a measurable key result to the objective."""
-    await run_command(command_context(request, principal), _app(request).get_objective, objective_id)
-    return await _write(request, response, principal, _app(request).add_key_result,
+    return await execute_write(request, response, principal, LOG, _app(request).add_key_result,
                         objective_id=objective_id, title=body.title, kind=body.kind, start=body.start,
                         target=body.target, low=body.low, high=body.high,
                         milestones=[m.model_dump() for m in body.milestones], unit=body.unit,
@@ -367,7 +353,7 @@ async def get_key_result(key_result_id: UUID, pool: Pool, _: Reader, __: ReadYou
 async def check_in(key_result_id: UUID, body: CheckInIn, request: Request, response: Response,
                    principal: Writer, if_match: IfMatch = None) -> WriteResult:
     """Record a value, a confidence (0-10) and a note; appends `KeyResultProgressed`."""
-    return await _write(request, response, principal, _app(request).check_in, key_result_id,
+    return await execute_write(request, response, principal, LOG, _app(request).check_in, key_result_id,
                         value=body.value, confidence=body.confidence, note=body.note,
                         valid_on=body.valid_on or date.today(),
                         expected_version=if_match_version(if_match),

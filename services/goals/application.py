@@ -7,13 +7,12 @@ its new version (the ETag) and the log position of the last event stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import date
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
 
-from services.common.eventstore import TandemApplication, retry_on_conflict
+from services.common.eventstore import TandemApplication, Written, retry_on_conflict
 from services.goals.domain import (
     Cycle,
     DomainError,
@@ -28,21 +27,10 @@ from services.goals.domain import (
 MAX_ALIGNMENT_DEPTH = 64
 
 
-@dataclass(frozen=True)
-class Written:
-    id: UUID
-    version: int
-    position: int
-
-
 class Goals(TandemApplication):
     """The goals service's write side. Its log is the table `goals.goals_events`."""
 
     name = "Goals"
-
-    def _written(self, aggregate: OrgUnit | Cycle | Objective | KeyResult) -> Written:
-        position = self.save_for_position(aggregate)
-        return Written(aggregate.id, aggregate.version, position)
 
     def _load(self, cls: type, aggregate_id: UUID):  # noqa: ANN202
         """The aggregate a path names; AggregateNotFoundError (404) if it is not one of `cls`."""
@@ -65,7 +53,7 @@ class Goals(TandemApplication):
             self._existing(OrgUnit, parent_id, "org unit")
         elif kind is not UnitKind.company:
             raise DomainError("only a company may have no parent unit")
-        return self._written(OrgUnit(name=name, kind=kind, parent_id=parent_id))
+        return self.save_written(OrgUnit(name=name, kind=kind, parent_id=parent_id))
 
     def get_unit(self, unit_id: UUID) -> OrgUnit:
         return self._load(OrgUnit, unit_id)
@@ -76,7 +64,7 @@ class Goals(TandemApplication):
         cycle = Cycle(name=name, starts_on=starts_on, ends_on=ends_on)
         if activate:
             cycle.activate()
-        return self._written(cycle)
+        return self.save_written(cycle)
 
     # Objectives ----------------------------------------------------------------------------
 
@@ -102,7 +90,7 @@ class Goals(TandemApplication):
         if parent_id is not None:
             self._existing(Objective, parent_id, "objective")
             objective.align_to(parent_id)
-        return self._written(objective)
+        return self.save_written(objective)
 
     def get_objective(self, objective_id: UUID) -> Objective:
         return self._load(Objective, objective_id)
@@ -115,7 +103,7 @@ class Goals(TandemApplication):
             self._existing(Objective, parent_id, "objective")
             self._refuse_alignment_cycle(objective_id, parent_id)
         objective.align_to(parent_id)
-        return self._written(objective)
+        return self.save_written(objective)
 
     def _refuse_alignment_cycle(self, objective_id: UUID, parent_id: UUID) -> None:
         """Walk up from the new parent: meeting the objective itself would close a loop."""
@@ -145,13 +133,13 @@ class Goals(TandemApplication):
         weight: float,
         owner_id: UUID | None,
     ) -> Written:
-        objective = self._existing(Objective, objective_id, "objective")
+        objective = self.get_objective(objective_id)
         if objective.status in ("closed", "archived"):
             raise DomainError(f"key results cannot be added to a {objective.status} objective")
         kr = KeyResult.define(objective_id=objective_id, title=title, kind=kind, start=start,
                               target=target, low=low, high=high, milestones=milestones,
                               unit=unit, weight=weight, owner_id=owner_id)
-        return self._written(kr)
+        return self.save_written(kr)
 
     def get_key_result(self, key_result_id: UUID) -> KeyResult:
         return self._load(KeyResult, key_result_id)
@@ -170,4 +158,4 @@ class Goals(TandemApplication):
         kr = self.get_key_result(key_result_id)
         self.check_version(kr, expected_version)
         kr.check_in(value=value, confidence=confidence, note=note, valid_on=valid_on)
-        return self._written(kr)
+        return self.save_written(kr)

@@ -20,31 +20,31 @@ class DomainError(ValueError):
     """A well-formed command that breaks a rule of the OKR domain."""
 
 
-class UnitKind(str, enum.Enum):
+class UnitKind(enum.StrEnum):
     company = "company"
     department = "department"
     team = "team"
 
 
-class CycleStatus(str, enum.Enum):
+class CycleStatus(enum.StrEnum):
     planning = "planning"
     active = "active"
     closed = "closed"
 
 
-class ObjectiveStatus(str, enum.Enum):
+class ObjectiveStatus(enum.StrEnum):
     draft = "draft"
     active = "active"
     closed = "closed"
     archived = "archived"
 
 
-class OwnerKind(str, enum.Enum):
+class OwnerKind(enum.StrEnum):
     person = "person"
     unit = "unit"
 
 
-class KeyResultKind(str, enum.Enum):
+class KeyResultKind(enum.StrEnum):
     increase_to = "increase_to"
     decrease_to = "decrease_to"
     stay_above = "stay_above"

@@ -7,8 +7,8 @@ with asyncpg. Every error is RFC 9457 problem details (services.common.problems)
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
 from uuid import UUID
 
 import asyncpg
@@ -17,22 +17,26 @@ from pydantic import AwareDatetime, Field, model_validator
 
 from services.common.auth import READERS, WRITERS, Principal, require
 from services.common.database import eventsourcing_env
-from services.common.eventstore import run_command
 from services.common.problems import Problem
-from services.common.schemas import ApiModel, Page, WriteResult, decode_cursor, encode_cursor
+from services.common.schemas import (
+    ApiModel,
+    Page,
+    WriteResult,
+    decode_keyset,
+    keyset_next,
+)
 from services.common.web import (
     PROBLEM_RESPONSES,
     WRITE_RESPONSES,
     ReadYourWrites,
     TrackedLog,
-    command_context,
     create_service_app,
     etag,
+    execute_write,
     get_pool,
     if_match_version,
-    set_position,
 )
-from services.metrics.application import Metrics, Written
+from services.metrics.application import Metrics
 from services.metrics.domain import Cadence, Direction, DomainError, KPIState, RuleKind, RuleState, Severity
 from services.metrics.projections import METRICS_PROJECTIONS
 from services.metrics.settings import MetricsSettings
@@ -80,7 +84,7 @@ class MeasurementIn(ApiModel):
 
     @model_validator(mode="after")
     def _not_in_future(self) -> MeasurementIn:
-        if self.measured_at is not None and self.measured_at > datetime.now(timezone.utc) + CLOCK_SKEW:
+        if self.measured_at is not None and self.measured_at > datetime.now(UTC) + CLOCK_SKEW:
             raise ValueError("measuredAt cannot be in the future")
         return self
 
@@ -144,20 +148,10 @@ def _app(request: Request) -> Metrics:
     return request.app.state.application
 
 
-async def _write(request: Request, response: Response, principal: Principal, fn: Any, *args: Any,
-                 location: str, **kwargs: Any) -> WriteResult:
-    written: Written = await run_command(command_context(request, principal), fn, *args, **kwargs)
-    response.status_code = 201
-    response.headers["ETag"] = etag(written.version)
-    response.headers["Location"] = location.format(id=written.id)
-    set_position(response, LOG, written.position)
-    return WriteResult(id=written.id, version=written.version, position=written.position)
-
-
 @router.post("/kpis", status_code=201, responses=WRITE_RESPONSES)
 async def define_kpi(body: KPIIn, request: Request, response: Response, principal: Writer) -> WriteResult:
     """Define a KPI with its threshold rules; appends `KPIDefined`."""
-    return await _write(request, response, principal, _app(request).define_kpi,
+    return await execute_write(request, response, principal, LOG, _app(request).define_kpi,
                         name=body.name, description=body.description, unit=body.unit,
                         owner_id=body.owner_id, unit_id=body.unit_id, direction=body.direction,
                         cadence=body.cadence, target=body.target,
@@ -175,13 +169,7 @@ async def list_kpis(
     after: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Page[KPIOut]:
     """KPIs with their rules and states, oldest first, a page at a time."""
-    created_at, last_id = (None, None)
-    if after:
-        c, i = decode_cursor(after, 2)
-        try:
-            created_at, last_id = datetime.fromisoformat(c), UUID(i)
-        except ValueError as e:
-            raise Problem(400, "Bad Request", "The cursor is not one this service gave out.", kind="bad-cursor") from e
+    created_at, last_id = decode_keyset(after)
     rows = await pool.fetch(
         """SELECT * FROM kpis
            WHERE ($1::uuid IS NULL OR unit_id = $1) AND ($2::uuid IS NULL OR owner_id = $2)
@@ -189,9 +177,8 @@ async def list_kpis(
              AND ($4::timestamptz IS NULL OR (created_at, id) > ($4, $5::uuid))
            ORDER BY created_at, id LIMIT $6""",
         unit, owner, state.value if state else None, created_at, last_id, limit + 1)
-    page = rows[:limit]
-    nxt = encode_cursor(page[-1]["created_at"].isoformat(), page[-1]["id"]) if len(rows) > limit else None
-    return Page(items=[_kpi(r) for r in page], next_cursor=nxt)
+    page, next_cursor = keyset_next(rows, limit)
+    return Page(items=[_kpi(r) for r in page], next_cursor=next_cursor)
 
 
 @router.get("/kpis/{kpi_id}")
@@ -209,8 +196,8 @@ async def record_measurement(kpi_id: UUID, body: MeasurementIn, request: Request
                              principal: Writer, if_match: IfMatch = None) -> WriteResult:
     """Record a value for a moment; appends `KPIMeasured`, and `KPIThresholdBreached` or
     `KPIRecovered` for each rule the value fires or clears."""
-    return await _write(request, response, principal, _app(request).record_measurement, kpi_id,
-                        value=body.value, measured_at=body.measured_at or datetime.now(timezone.utc),
+    return await execute_write(request, response, principal, LOG, _app(request).record_measurement, kpi_id,
+                        value=body.value, measured_at=body.measured_at or datetime.now(UTC),
                         source=body.source, expected_version=if_match_version(if_match),
                         location=f"/v1/kpis/{kpi_id}/measurements")
 

@@ -8,32 +8,20 @@ new version (the ETag) and the log position of the last event stored.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
 
-from services.common.eventstore import TandemApplication, retry_on_conflict
+from services.common.eventstore import TandemApplication, Written, retry_on_conflict
 from services.metrics.domain import KPI, Cadence, Direction, ThresholdRule
-
-
-@dataclass(frozen=True)
-class Written:
-    id: UUID
-    version: int
-    position: int
 
 
 class Metrics(TandemApplication):
     """The metrics service's write side. Its log is the table `metrics.metrics_events`."""
 
     name = "Metrics"
-
-    def _written(self, kpi: KPI) -> Written:
-        position = self.save_for_position(kpi)
-        return Written(kpi.id, kpi.version, position)
 
     def define_kpi(
         self,
@@ -50,7 +38,7 @@ class Metrics(TandemApplication):
     ) -> Written:
         kpi = KPI.define(name=name, unit=unit, direction=direction, cadence=cadence, rules=rules,
                          description=description, owner_id=owner_id, unit_id=unit_id, target=target)
-        return self._written(kpi)
+        return self.save_written(kpi)
 
     def get_kpi(self, kpi_id: UUID) -> KPI:
         """The KPI a path names; AggregateNotFoundError (404) if there is none."""
@@ -74,4 +62,4 @@ class Metrics(TandemApplication):
         kpi = self.get_kpi(kpi_id)
         self.check_version(kpi, expected_version)
         kpi.measure(value=value, measured_at=measured_at, source=source)
-        return self._written(kpi)
+        return self.save_written(kpi)

@@ -18,7 +18,7 @@ import enum
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -29,36 +29,36 @@ class DomainError(ValueError):
     """A well-formed command that breaks a rule of the KPI domain."""
 
 
-class Direction(str, enum.Enum):
+class Direction(enum.StrEnum):
     higher_is_better = "higher_is_better"
     lower_is_better = "lower_is_better"
 
 
-class Cadence(str, enum.Enum):
+class Cadence(enum.StrEnum):
     daily = "daily"
     weekly = "weekly"
     monthly = "monthly"
     quarterly = "quarterly"
 
 
-class RuleKind(str, enum.Enum):
+class RuleKind(enum.StrEnum):
     below = "below"
     above = "above"
     outside = "outside"
 
 
-class Severity(str, enum.Enum):
+class Severity(enum.StrEnum):
     warning = "warning"
     critical = "critical"
 
 
-class RuleState(str, enum.Enum):
+class RuleState(enum.StrEnum):
     ok = "ok"
     pending = "pending"
     breached = "breached"
 
 
-class KPIState(str, enum.Enum):
+class KPIState(enum.StrEnum):
     ok = "ok"
     pending = "pending"
     breached = "breached"
@@ -254,7 +254,7 @@ class KPI(Aggregate):
             raise DomainError("a measurement's value must be a finite number")
         if measured_at.tzinfo is None:
             raise DomainError("measured_at needs a time zone")
-        measured_at = measured_at.astimezone(timezone.utc)
+        measured_at = measured_at.astimezone(UTC)
         measurement_id = measurement_id or uuid4()
         is_latest = self._is_latest(measured_at)
         self._measured(measurement_id=measurement_id, value=float(value), measured_at=measured_at,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -115,7 +115,7 @@ def test_rest_writes_reach_graphql(stack: Stack, admin: dict[str, str], demo_pos
         "name": "Escalation backlog", "unit": "tickets", "unitId": team["id"], "direction": "lower_is_better",
         "cadence": "daily", "rules": [{"kind": "above", "threshold": 20, "severity": "critical", "recovery": 15}]})
     assert kpi.status_code == 201, kpi.text
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     positions = {}
     for i, value in enumerate([12, 25]):
         m = metrics.post(f"/v1/kpis/{kpi.json()['id']}/measurements",
@@ -138,8 +138,8 @@ def test_rest_writes_reach_graphql(stack: Stack, admin: dict[str, str], demo_pos
 def test_every_stored_event_matches_its_contract(stack: Stack, demo_positions: dict[str, int]) -> None:
     import jsonschema
 
-    from services.contracts import CONTRACTS
     from services.common.eventstore import topic_event_type
+    from services.contracts import CONTRACTS
 
     checked = 0
     with psycopg.connect(stack.database_url) as conn:

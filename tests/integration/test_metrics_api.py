@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -25,7 +25,7 @@ from tests.conftest import serve_in_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-T0 = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=30)
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(days=30)
 MISSING = "00000000-0000-0000-0000-000000000000"
 FLOOR = {"kind": "below", "threshold": 90, "recovery": 92, "severity": "critical"}
 

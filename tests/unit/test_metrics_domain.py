@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -10,7 +10,7 @@ import pytest
 from services.common.eventstore import event_types
 from services.metrics.domain import KPI, DomainError, KPIState, RuleState
 
-T0 = datetime(2026, 11, 1, 9, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, 9, tzinfo=UTC)
 
 
 def day(n: int) -> datetime:
