@@ -23,7 +23,7 @@ from starlette.requests import HTTPConnection
 
 from services.common import database
 from services.common.auth import Principal, TokenVerifier
-from services.common.eventstore import CommandContext, Written, new_correlation_id, run_command
+from services.common.eventstore import CommandContext, TandemApplication, Written, new_correlation_id, run_command
 from services.common.problems import Problem, ProblemDetail, install_problem_handlers
 from services.common.projections import ProjectionSpec, ProjectionThread
 from services.common.schemas import WriteResult
@@ -88,15 +88,15 @@ def create_service_app(
     version: str = "1.0.0",
     tracked_logs: Sequence[TrackedLog],
     projections: Sequence[ProjectionSpec],
-    start_write_side: Callable[[], Any] | None = None,
-    stop_write_side: Callable[[Any], None] | None = None,
+    application_class: type[TandemApplication] | None = None,
     domain_errors: tuple[type[Exception], ...] = (),
     openapi_tags: list[dict[str, Any]] | None = None,
 ) -> FastAPI:
     """A FastAPI app with the plumbing every Tandem service has.
 
-    `start_write_side` builds the service's `eventsourcing` application (in a thread, since it
-    connects with psycopg); the result is `app.state.application`.
+    `application_class` is the service's write side: an `eventsourcing` application on the
+    service's schema, built at start-up (in a thread: it connects with psycopg) as
+    `app.state.application` and closed at shut-down. The gateway has none.
     """
 
     @asynccontextmanager
@@ -104,8 +104,9 @@ def create_service_app(
         await asyncio.to_thread(database.ensure_schema, settings.database_url, settings.schema_name)
         for spec in projections:
             await asyncio.to_thread(spec.create_tables, settings.database_url)
-        if start_write_side is not None:
-            app.state.application = await asyncio.to_thread(start_write_side)
+        if application_class is not None:
+            env = database.eventsourcing_env(settings.database_url, settings.schema_name)
+            app.state.application = await asyncio.to_thread(application_class, env)
         app.state.pool = await database.create_pool(
             settings.database_url, settings.schema_name, settings.database_pool_size
         )
@@ -123,8 +124,8 @@ def create_service_app(
                 if t.is_alive():
                     await asyncio.to_thread(t.join, 10)
             await app.state.pool.close()
-            if start_write_side is not None and stop_write_side is not None:
-                await asyncio.to_thread(stop_write_side, app.state.application)
+            if application_class is not None:
+                await asyncio.to_thread(app.state.application.close)
             shutdown_telemetry(app)
 
     app = FastAPI(title=title, description=description, version=version, lifespan=lifespan,

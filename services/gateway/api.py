@@ -249,7 +249,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         description="GraphQL over the alignment read model: org units, objectives, key results, KPIs.",
         tracked_logs=[TrackedLog("goals", goals, "Goals"), TrackedLog("metrics", metrics, "Metrics")],
         projections=projections,
-        start_write_side=None,
     )
     app.include_router(GraphQLRouter(schema, path="/graphql", context_getter=graphql_context,
                                      graphql_ide="graphiql", allow_queries_via_get=False,

@@ -373,16 +373,13 @@ async def list_check_ins(key_result_id: UUID, pool: Pool, _: Reader, __: ReadYou
 
 def create_app(settings: GoalsSettings | None = None) -> FastAPI:
     settings = settings or GoalsSettings()
-    from services.common.database import eventsourcing_env
-
     app = create_service_app(
         settings=settings,
         title="Tandem goals",
         description="Org units, cycles, objectives, key results and check-ins, event-sourced.",
         tracked_logs=[TrackedLog(LOG, GOALS_PROJECTIONS[0].tracking_table, Goals.name)],
         projections=GOALS_PROJECTIONS,
-        start_write_side=lambda: Goals(env=eventsourcing_env(settings.database_url, settings.schema_name)),
-        stop_write_side=lambda application: application.close(),
+        application_class=Goals,
         domain_errors=(DomainError,),
     )
     app.include_router(router)

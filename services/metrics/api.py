@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Respons
 from pydantic import AwareDatetime, Field, model_validator
 
 from services.common.auth import READERS, WRITERS, Principal, require
-from services.common.database import eventsourcing_env
 from services.common.problems import Problem
 from services.common.schemas import (
     ApiModel,
@@ -222,8 +221,7 @@ def create_app(settings: MetricsSettings | None = None) -> FastAPI:
         description="KPIs, their measurements and threshold rules, event-sourced.",
         tracked_logs=[TrackedLog(LOG, METRICS_PROJECTIONS[0].tracking_table, Metrics.name)],
         projections=METRICS_PROJECTIONS,
-        start_write_side=lambda: Metrics(env=eventsourcing_env(settings.database_url, settings.schema_name)),
-        stop_write_side=lambda application: application.close(),
+        application_class=Metrics,
         domain_errors=(DomainError,),
     )
     app.include_router(router)
