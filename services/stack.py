@@ -30,6 +30,16 @@ from services.common.settings import DATA_DIR, REPO_ROOT
 DEFAULT_PG_PORT = 54329
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the stack process dies, so
+    that a killed `make run` (or test run) never leaves services holding connections."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 @dataclass
 class ServiceProcess:
     name: str
@@ -86,6 +96,7 @@ class Stack:
             service.process = subprocess.Popen(
                 [sys.executable, "-m", service.module], cwd=REPO_ROOT, env=self.env(service),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_terminate_with_parent,
             )
         self.wait_ready(timeout)
 

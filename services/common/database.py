@@ -118,6 +118,14 @@ async def wait_for_position(
             await conn.remove_listener(channel, wake)
 
 
+async def log_head(conn: asyncpg.Connection | asyncpg.Pool, events_table: str) -> int:
+    """The position of the last event stored in a log (0 for an empty or not yet created one)."""
+    try:
+        return int(await conn.fetchval(f"SELECT max(notification_id) FROM {events_table}") or 0)
+    except asyncpg.UndefinedTableError:
+        return 0
+
+
 def projection_channel(tracking_table: str) -> str:
     """The LISTEN/NOTIFY channel a projection announces its progress on."""
     return "tracking_" + tracking_table.replace(".", "_")

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from services.common.eventstore import ConcurrentWrite, VersionMismatch
 
@@ -104,6 +105,16 @@ _TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not 
            428: "Precondition Required", 503: "Service Unavailable"}
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the path supports: Starlette names only the first route that matched."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match is not Match.NONE and isinstance(route, BaseRoute):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception], ...] = ()) -> None:
     """Answer every error on `app` with problem details.
 
@@ -130,8 +141,10 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         title = _TITLES.get(exc.status_code, "Error")
         detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
-        return problem_response(request, exc.status_code, title, detail,
-                                headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return problem_response(request, exc.status_code, title, detail, headers=headers)
 
     @app.exception_handler(AggregateNotFoundError)
     async def _not_found(request: Request, exc: AggregateNotFoundError) -> JSONResponse:

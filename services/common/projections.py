@@ -143,6 +143,11 @@ class ProjectionSpec:
         return env
 
     @property
+    def events_table(self) -> str:
+        """The followed log's table, as the library names it."""
+        return f"{self.application_schema}.{self.application_class.name.lower()}_events"
+
+    @property
     def tracking_table(self) -> str:
         return f"{self.view_schema}.{self.projection_class.name.lower()}_tracking"
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any, Generic, TypeVar
+from datetime import date, datetime
+from typing import Annotated, Any, Generic, TypeVar
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Query
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, Strict
 from pydantic.alias_generators import to_camel
 
 from services.common.problems import Problem
@@ -42,6 +43,24 @@ class Page(ApiModel, Generic[T]):
     next_cursor: str | None = Field(None, description="Pass as `after` for the next page.")
 
 
+def _iso_text(value: Any) -> Any:
+    if isinstance(value, str | date):
+        return value
+    raise ValueError("expected an ISO 8601 string")
+
+
+# Input types that take JSON at its word: a number is a JSON number (not "5", not true), a date
+# is an ISO 8601 string (not the number 0, which lax parsing would read as 1970-01-01).
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False, ge=-1e12, le=1e12)]
+Weight = Annotated[float, Strict(), Field(gt=0, le=1e6)]
+WholeNumber = Annotated[int, Strict()]
+IsoDate = Annotated[date, BeforeValidator(_iso_text)]
+IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+# A list's `after` parameter: the opaque cursor a previous page gave as `nextCursor`.
+Cursor = Annotated[str, Query(pattern=r"^[A-Za-z0-9_-]{1,400}$", description="`nextCursor` of the previous page.")]
+
+
 def decode_keyset(after: str | None) -> tuple[datetime | None, UUID | None]:
     """The (created_at, id) a list's `after` cursor names; lists page on that pair so that a
     page boundary never skips or repeats a row, whatever was created meanwhile."""
@@ -51,7 +70,7 @@ def decode_keyset(after: str | None) -> tuple[datetime | None, UUID | None]:
     try:
         return datetime.fromisoformat(created_at), UUID(last_id)
     except ValueError as e:
-        raise Problem(400, "Bad Request", "The cursor is not one this service gave out.",
+        raise Problem(422, "Invalid request", "The cursor is not one this service gave out.",
                       kind="bad-cursor") from e
 
 
@@ -75,5 +94,5 @@ def decode_cursor(cursor: str, arity: int) -> list[str]:
             raise ValueError
         return values
     except (ValueError, UnicodeDecodeError) as e:
-        raise Problem(400, "Bad Request", "The cursor is not one this service gave out.",
+        raise Problem(422, "Invalid request", "The cursor is not one this service gave out.",
                       kind="bad-cursor") from e

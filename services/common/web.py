@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -55,23 +56,34 @@ WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class TrackedLog:
-    """An event log a service's read model follows: its name in positions, and where its
-    tracking rows are."""
+    """An event log a service's read model follows: its name in positions, the table it is
+    stored in, and where the projection's tracking rows are."""
 
     name: str
+    events_table: str
     tracking_table: str
     application_name: str
 
+    @classmethod
+    def of(cls, name: str, spec: ProjectionSpec) -> TrackedLog:
+        return cls(name, spec.events_table, spec.tracking_table, spec.application_class.name)
+
+
+# The event logs of Tandem, by the names positions use.
+LOG_NAMES = ("goals", "metrics")
+_POSITION = rf" *({'|'.join(LOG_NAMES)}) *= *[0-9]{{1,18}} *"
+WAIT_PATTERN = rf"^( *|{_POSITION}(,{_POSITION})*)$"  # blank: nothing to wait for
+
 
 def parse_positions(header: str | None) -> dict[str, int]:
-    if not header:
+    if header is None or not header.strip():
         return {}
+    if not re.fullmatch(WAIT_PATTERN, header):
+        raise Problem(422, "Invalid request", f"{WAIT_HEADER} must look like 'goals=42, metrics=7'.",
+                      kind="validation")
     out: dict[str, int] = {}
     for part in header.split(","):
-        name, sep, value = part.strip().partition("=")
-        if not sep or not value.strip().isdigit():
-            raise Problem(400, "Bad Request", f"{WAIT_HEADER} must look like 'goals=42, metrics=7'.",
-                          kind="bad-position")
+        name, _, value = part.partition("=")
         out[name.strip()] = int(value)
     return out
 
@@ -173,11 +185,14 @@ async def get_pool(request: Request) -> asyncpg.Pool:
 async def wait_for_read_model(
     request: HTTPConnection,
     wait_for: Annotated[
-        str | None,
-        Header(alias=WAIT_HEADER, description="Positions to wait for before reading, e.g. 'goals=42'."),
+        str,
+        Header(alias=WAIT_HEADER, pattern=WAIT_PATTERN,
+               description="Log positions to wait for before reading, as writes report them in "
+                           "Tandem-Position, e.g. 'goals=42, metrics=7'."),
     ] = None,
 ) -> None:
-    """Read-your-writes: hold the read until the read model has caught up."""
+    """Read-your-writes: hold the read until the read model has caught up. A position in a log
+    this service's read model does not follow is already reflected (nothing in it can change)."""
     wanted = parse_positions(wait_for)
     if not wanted:
         return
@@ -186,8 +201,11 @@ async def wait_for_read_model(
     for name, position in wanted.items():
         tracked = logs.get(name)
         if tracked is None:
-            raise Problem(400, "Bad Request", f"Unknown log {name!r}; this service follows: "
-                          f"{', '.join(sorted(logs))}.", kind="bad-position")
+            continue
+        head = await database.log_head(request.app.state.pool, tracked.events_table)
+        if position > head:
+            raise Problem(422, "Invalid request", f"The {name} log has no position {position} (its last is "
+                          f"{head}); wait only for positions that writes reported.", kind="no-such-position")
         reached = await database.wait_for_position(
             request.app.state.pool, tracked.tracking_table, tracked.application_name, position,
             settings.read_wait_timeout_seconds)
@@ -230,6 +248,10 @@ async def execute_write(
 
 def etag(version: int) -> str:
     return f'"{version}"'
+
+
+IfMatch = Annotated[str, Header(alias="If-Match", pattern=r'^(\*|(W/)?"[0-9]{1,18}")$',
+                                 description="ETag of the version this write is based on.")]
 
 
 def if_match_version(if_match: str | None) -> int | None:

@@ -242,12 +242,12 @@ async def graphql_context(connection: HTTPConnection) -> Context:
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     projections = alignment_projections(settings.schema_name)
-    goals, metrics = (spec.tracking_table for spec in projections)
+    goals, metrics = projections
     app = create_service_app(
         settings=settings,
         title="Tandem gateway",
         description="GraphQL over the alignment read model: org units, objectives, key results, KPIs.",
-        tracked_logs=[TrackedLog("goals", goals, "Goals"), TrackedLog("metrics", metrics, "Metrics")],
+        tracked_logs=[TrackedLog.of("goals", goals), TrackedLog.of("metrics", metrics)],
         projections=projections,
     )
     app.include_router(GraphQLRouter(schema, path="/graphql", context_getter=graphql_context,

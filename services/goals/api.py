@@ -11,14 +11,20 @@ from typing import Annotated, Literal
 from uuid import UUID
 
 import asyncpg
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from pydantic import Field, model_validator
 
 from services.common.auth import READERS, WRITERS, Principal, require
 from services.common.problems import Problem
 from services.common.schemas import (
     ApiModel,
+    Cursor,
+    IsoDate,
+    Name,
+    Number,
     Page,
+    Weight,
+    WholeNumber,
     WriteResult,
     decode_cursor,
     decode_keyset,
@@ -28,6 +34,7 @@ from services.common.schemas import (
 from services.common.web import (
     PROBLEM_RESPONSES,
     WRITE_RESPONSES,
+    IfMatch,
     ReadYourWrites,
     TrackedLog,
     create_service_app,
@@ -45,9 +52,6 @@ LOG = "goals"
 Reader = Annotated[Principal, Depends(require(*READERS))]
 Writer = Annotated[Principal, Depends(require(*WRITERS))]
 Pool = Annotated[asyncpg.Pool, Depends(get_pool)]
-IfMatch = Annotated[str | None, Header(alias="If-Match", description="ETag of the version this write is based on.")]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
-Finite = Annotated[float, Field(allow_inf_nan=False, ge=-1e12, le=1e12)]
 
 
 # Request and response bodies --------------------------------------------------------------
@@ -68,8 +72,8 @@ class Unit(ApiModel):
 
 class CycleIn(ApiModel):
     name: Name
-    starts_on: date
-    ends_on: date
+    starts_on: IsoDate
+    ends_on: IsoDate
     status: Literal["planning", "active"] = "planning"
 
 
@@ -102,27 +106,27 @@ class AlignmentIn(ApiModel):
 
 class Milestone(ApiModel):
     title: Name
-    weight: float = Field(1.0, gt=0, le=1e6)
+    weight: Weight = 1.0
 
 
 class KeyResultIn(ApiModel):
     title: Name
     kind: KeyResultKind
-    start: Finite | None = None
-    target: Finite | None = None
-    low: Finite | None = None
-    high: Finite | None = None
+    start: Number | None = None
+    target: Number | None = None
+    low: Number | None = None
+    high: Number | None = None
     milestones: list[Milestone] = Field(default_factory=list, max_length=50)
     unit: str = Field("", max_length=50)
-    weight: float = Field(1.0, gt=0, le=1e6)
+    weight: Weight = 1.0
     owner_id: UUID | None = None
 
 
 class CheckInIn(ApiModel):
-    value: Finite
-    confidence: int | None = Field(None, ge=0, le=10)
+    value: Number
+    confidence: WholeNumber | None = Field(None, ge=0, le=10)
     note: str = Field("", max_length=5000)
-    valid_on: date | None = Field(None, description="The day the value applies to; today if left out.")
+    valid_on: IsoDate | None = Field(None, description="The day the value applies to; today if left out.")
 
     @model_validator(mode="after")
     def _not_in_future(self) -> CheckInIn:
@@ -225,7 +229,7 @@ async def create_unit(body: UnitIn, request: Request, response: Response, princi
 @router.get("/units", tags=["org units"])
 async def list_units(pool: Pool, _: Reader, __: ReadYourWrites,
                      limit: Annotated[int, Query(ge=1, le=500)] = 100,
-                     after: Annotated[str | None, Query(max_length=200)] = None) -> Page[Unit]:
+                     after: Cursor = None) -> Page[Unit]:
     """All org units, in the order they were created."""
     last = decode_cursor(after, 1) if after else None
     rows = await pool.fetch(
@@ -294,7 +298,7 @@ async def list_objectives(
     owner: Annotated[UUID | None, Query(description="Only objectives of this owner.")] = None,
     status: Annotated[Literal["draft", "active", "closed", "archived"] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    after: Annotated[str | None, Query(max_length=200)] = None,
+    after: Cursor = None,
 ) -> Page[ObjectiveOut]:
     """Objectives with their key results and scores, oldest first, a page at a time."""
     created_at, last_id = decode_keyset(after)
@@ -377,7 +381,7 @@ def create_app(settings: GoalsSettings | None = None) -> FastAPI:
         settings=settings,
         title="Tandem goals",
         description="Org units, cycles, objectives, key results and check-ins, event-sourced.",
-        tracked_logs=[TrackedLog(LOG, GOALS_PROJECTIONS[0].tracking_table, Goals.name)],
+        tracked_logs=[TrackedLog.of(LOG, GOALS_PROJECTIONS[0])],
         projections=GOALS_PROJECTIONS,
         application_class=Goals,
         domain_errors=(DomainError,),

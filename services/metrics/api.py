@@ -12,14 +12,19 @@ from typing import Annotated
 from uuid import UUID
 
 import asyncpg
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
-from pydantic import AwareDatetime, Field, model_validator
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from pydantic import Field, model_validator
 
 from services.common.auth import READERS, WRITERS, Principal, require
 from services.common.problems import Problem
 from services.common.schemas import (
     ApiModel,
+    Cursor,
+    IsoDateTime,
+    Name,
+    Number,
     Page,
+    WholeNumber,
     WriteResult,
     decode_keyset,
     keyset_next,
@@ -27,6 +32,7 @@ from services.common.schemas import (
 from services.common.web import (
     PROBLEM_RESPONSES,
     WRITE_RESPONSES,
+    IfMatch,
     ReadYourWrites,
     TrackedLog,
     create_service_app,
@@ -45,22 +51,19 @@ CLOCK_SKEW = timedelta(minutes=5)
 Reader = Annotated[Principal, Depends(require(*READERS))]
 Writer = Annotated[Principal, Depends(require(*WRITERS))]
 Pool = Annotated[asyncpg.Pool, Depends(get_pool)]
-IfMatch = Annotated[str | None, Header(alias="If-Match", description="ETag of the version this write is based on.")]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
-Finite = Annotated[float, Field(allow_inf_nan=False, ge=-1e12, le=1e12)]
 
 
 # Request and response bodies --------------------------------------------------------------
 
 class RuleIn(ApiModel):
     kind: RuleKind
-    threshold: Finite | None = Field(None, description="The bound of a below or above rule.")
-    low: Finite | None = Field(None, description="The lower bound of an outside rule.")
-    high: Finite | None = Field(None, description="The upper bound of an outside rule.")
+    threshold: Number | None = Field(None, description="The bound of a below or above rule.")
+    low: Number | None = Field(None, description="The lower bound of an outside rule.")
+    high: Number | None = Field(None, description="The upper bound of an outside rule.")
     severity: Severity
-    pending_count: int = Field(1, ge=1, le=1000,
+    pending_count: WholeNumber = Field(1, ge=1, le=1000,
                                description="Consecutive violating measurements before the rule fires.")
-    recovery: Finite | None = Field(None, description="The bound a breached below/above rule's value "
+    recovery: Number | None = Field(None, description="The bound a breached below/above rule's value "
                                     "must cross back over before it clears; the threshold if left out.")
 
 
@@ -72,13 +75,13 @@ class KPIIn(ApiModel):
     unit_id: UUID | None = Field(None, description="The org unit (in goals) the KPI belongs to.")
     direction: Direction
     cadence: Cadence
-    target: Finite | None = None
+    target: Number | None = None
     rules: list[RuleIn] = Field(max_length=20)
 
 
 class MeasurementIn(ApiModel):
-    value: Finite
-    measured_at: AwareDatetime | None = Field(None, description="When the value applies; now if left out.")
+    value: Number
+    measured_at: IsoDateTime | None = Field(None, description="When the value applies; now if left out.")
     source: str = Field("api", min_length=1, max_length=100)
 
     @model_validator(mode="after")
@@ -165,7 +168,7 @@ async def list_kpis(
     owner: Annotated[UUID | None, Query(description="Only KPIs of this owner.")] = None,
     state: Annotated[KPIState | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    after: Annotated[str | None, Query(max_length=200)] = None,
+    after: Cursor = None,
 ) -> Page[KPIOut]:
     """KPIs with their rules and states, oldest first, a page at a time."""
     created_at, last_id = decode_keyset(after)
@@ -219,7 +222,7 @@ def create_app(settings: MetricsSettings | None = None) -> FastAPI:
         settings=settings,
         title="Tandem metrics",
         description="KPIs, their measurements and threshold rules, event-sourced.",
-        tracked_logs=[TrackedLog(LOG, METRICS_PROJECTIONS[0].tracking_table, Metrics.name)],
+        tracked_logs=[TrackedLog.of(LOG, METRICS_PROJECTIONS[0])],
         projections=METRICS_PROJECTIONS,
         application_class=Metrics,
         domain_errors=(DomainError,),

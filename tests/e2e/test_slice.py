@@ -8,7 +8,7 @@ waits on the read model's tracking position (Tandem-Wait-For), never on a timer.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +18,6 @@ import pytest
 
 from services import demo
 from services.stack import Stack
-from tests.conftest import free_port, fresh_database
 
 ORG_QUERY = """
 query {
@@ -32,19 +31,6 @@ query {
     objectives { title score rolledUpScore }
   }
 }"""
-
-
-@pytest.fixture(scope="module")
-def stack(service_environment: None) -> Iterator[Stack]:
-    """Its own database, so that the organisation is the demo's alone."""
-    with fresh_database() as url:
-        s = Stack(url, gateway_port=free_port(), goals_port=free_port(), metrics_port=free_port())
-        s.log_dir = s.log_dir.parent / f"logs-e2e-{s.gateway_port}"
-        s.start()
-        try:
-            yield s
-        finally:
-            s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -228,7 +228,7 @@ async def test_reads_need_a_bearer_token(gateway: httpx.AsyncClient) -> None:
 async def test_waiting_for_an_unknown_log_is_a_bad_request(gateway: httpx.AsyncClient, auth: Headers) -> None:
     r = await gateway.post("/graphql", json={"query": "{ organization { name } }"},
                            headers={**auth(), "Tandem-Wait-For": "billing=3"})
-    assert r.status_code == 400
+    assert r.status_code == 422
     assert r.headers["content-type"].startswith("application/problem+json")
 
 

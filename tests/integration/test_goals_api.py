@@ -132,8 +132,9 @@ async def test_alignment_cannot_form_a_cycle(goals: httpx.AsyncClient) -> None:
          {"title": "t", "kind": "done"}, 404),
         ("post", "/v1/key-results/00000000-0000-0000-0000-000000000000/check-ins", {"value": 1}, 404),
         ("get", "/v1/objectives/not-a-uuid", None, 422),
-        ("get", "/v1/objectives?after=garbage", None, 400),
-        ("get", "/v1/units", None, 400),  # with a malformed Tandem-Wait-For, below
+        ("get", "/v1/objectives?after=garbage", None, 422),
+        ("get", "/v1/objectives?after=not%20a%20cursor", None, 422),
+        ("get", "/v1/units", None, 422),  # with a malformed Tandem-Wait-For, below
     ],
 )
 async def test_bad_input_gets_problem_details(goals: httpx.AsyncClient, method: str, path: str,

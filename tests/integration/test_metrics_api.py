@@ -197,7 +197,7 @@ async def test_stale_if_match_gets_412_and_appends_nothing(metrics: httpx.AsyncC
     ("get", f"/v1/kpis/{MISSING}/measurements", None, 404),
     ("get", "/v1/kpis/not-a-uuid", None, 422),
     ("get", "/v1/kpis?state=melting", None, 422),
-    ("get", "/v1/kpis?after=garbage", None, 400),
+    ("get", "/v1/kpis?after=garbage", None, 422),
 ])
 async def test_bad_input_gets_problem_details(metrics: httpx.AsyncClient, method: str, path: str,
                                               body: dict[str, Any] | None, status: int) -> None:
