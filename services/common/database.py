@@ -35,8 +35,14 @@ def url_parts(database_url: str) -> dict[str, str]:
     }
 
 
-def eventsourcing_env(database_url: str, schema: str, *, create_table: bool = True) -> dict[str, str]:
-    """The `eventsourcing` library's PostgreSQL settings for one schema."""
+def eventsourcing_env(
+    database_url: str, schema: str, *, create_table: bool = True, pool_size: int = 2, max_overflow: int = 10,
+) -> dict[str, str]:
+    """The `eventsourcing` library's PostgreSQL settings for one schema.
+
+    The library opens `pool_size` connections at once and up to `max_overflow` more under load;
+    the defaults suit a write side, and projections ask for fewer (they work one event at a time).
+    """
     p = url_parts(database_url)
     return {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
@@ -46,8 +52,8 @@ def eventsourcing_env(database_url: str, schema: str, *, create_table: bool = Tr
         "POSTGRES_USER": p["user"],
         "POSTGRES_PASSWORD": p["password"],
         "POSTGRES_SCHEMA": check_identifier(schema),
-        "POSTGRES_POOL_SIZE": "5",
-        "POSTGRES_MAX_OVERFLOW": "10",
+        "POSTGRES_POOL_SIZE": str(pool_size),
+        "POSTGRES_MAX_OVERFLOW": str(max_overflow),
         "POSTGRES_PRE_PING": "y",
         "POSTGRES_LOCK_TIMEOUT": "5",
         "CREATE_TABLE": "y" if create_table else "n",

@@ -135,10 +135,10 @@ class ProjectionSpec:
         env: dict[str, str] = {}
         is_foreign = self.application_schema != self.view_schema
         for key, value in eventsourcing_env(
-            database_url, self.application_schema, create_table=not is_foreign
+            database_url, self.application_schema, create_table=not is_foreign, pool_size=1, max_overflow=2
         ).items():
             env[f"{app_name}_{key}"] = value
-        for key, value in eventsourcing_env(database_url, self.view_schema).items():
+        for key, value in eventsourcing_env(database_url, self.view_schema, pool_size=1, max_overflow=2).items():
             env[f"{self.projection_class.name.upper()}_{key}"] = value
         return env
 
@@ -154,7 +154,8 @@ class ProjectionSpec:
     def create_tables(self, database_url: str) -> None:
         """Create the read model's tables (tracking included) now, so that a read that waits
         on a position finds them before the projection thread has got going."""
-        env = Environment(self.projection_class.name, eventsourcing_env(database_url, self.view_schema))
+        env = Environment(self.projection_class.name,
+                          eventsourcing_env(database_url, self.view_schema, pool_size=1, max_overflow=0))
         factory = InfrastructureFactory.construct(env)
         try:
             factory.tracking_recorder(self.view_class)
