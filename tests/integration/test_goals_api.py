@@ -74,6 +74,7 @@ async def test_check_in_flows_from_write_to_read(goals: httpx.AsyncClient, datab
     assert topic == "services.goals.domain:KeyResult.Progressed"
     assert stored["meta"]["actor"] == "ada"
     assert stored["meta"]["correlation_id"] == "corr-42"
+    assert len(stored["meta"]["trace_id"]) == 32  # the request's trace, kept with the event
     assert stored["valid_on"] == {"_type_": "date_iso", "_data_": "2026-11-02"}
     assert "timestamp" in stored
 
