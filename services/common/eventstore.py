@@ -18,7 +18,7 @@ from datetime import date
 from typing import Any, ClassVar, TypeVar
 
 from eventsourcing.application import Application
-from eventsourcing.domain import MutableOrImmutableAggregate
+from eventsourcing.domain import Aggregate, MutableOrImmutableAggregate
 from eventsourcing.persistence import (
     DatetimeAsISO,
     DecimalAsStr,
@@ -31,6 +31,17 @@ from eventsourcing.persistence import (
 )
 from starlette.concurrency import run_in_threadpool
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from services.common.idempotency import (
+    IdempotencyClaim,
+    IdempotentRecorder,
+    KeyReused,
+    KeyTaken,
+    StoredAnswer,
+    current_claim,
+    reset_claim,
+    set_claim,
+)
 
 T = TypeVar("T")
 
@@ -119,7 +130,10 @@ class Written:
 class TandemApplication(Application[uuid.UUID]):
     """An `eventsourcing` Application that stamps metadata and reports log positions."""
 
-    env: ClassVar[dict[str, str]] = {"AGGREGATE_CACHE_MAXSIZE": "10000"}
+    env: ClassVar[dict[str, str]] = {
+        "AGGREGATE_CACHE_MAXSIZE": "10000",
+        "APPLICATION_RECORDER_TOPIC": "services.common.idempotency:IdempotentRecorder",
+    }
 
     def construct_mapper(self) -> Mapper[uuid.UUID]:
         return self.factory.mapper(transcoder=self.construct_transcoder(), mapper_class=MetadataMapper)
@@ -127,6 +141,39 @@ class TandemApplication(Application[uuid.UUID]):
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
         transcoder.register(DateAsISO())
+
+    def save(self, *objs: Any, **kwargs: Any) -> Any:
+        """The library's save; under an Idempotency-Key, the first save of the command also
+        records the key, in the same transaction (see services.common.idempotency)."""
+        claim = current_claim()
+        if claim is not None and not claim.used:
+            primary = next((o for o in objs if isinstance(o, Aggregate)), None)
+            if primary is not None:
+                kwargs["idempotency"] = (claim, primary.id, primary.version)
+        recordings = super().save(*objs, **kwargs)
+        if claim is not None and "idempotency" in kwargs:
+            claim.used = True
+        return recordings
+
+    def answer_once(self, claim: IdempotencyClaim, command: Callable[..., Written], *args: Any,
+                    **kwargs: Any) -> tuple[Written, StoredAnswer | None]:
+        """Run the command under the claim, unless the key already has an answer: then that
+        answer (second item) and no new events. The same key with another request: KeyReused."""
+        recorder: IdempotentRecorder = self.recorder  # type: ignore[assignment]
+        for _ in range(3):
+            answer = recorder.stored_answer(claim.subject, claim.key)
+            if answer is not None:
+                if answer.request_hash != claim.request_hash:
+                    raise KeyReused(claim.key)
+                return Written(answer.aggregate_id, answer.version, answer.position), answer
+            token = set_claim(claim)
+            try:
+                return command(*args, **kwargs), None
+            except KeyTaken:
+                continue  # a twin request committed first: answer as it was answered
+            finally:
+                reset_claim(token)
+        raise ConcurrentWrite(f"Idempotency-Key {claim.key!r} kept being taken")
 
     def save_written(self, aggregate: MutableOrImmutableAggregate[uuid.UUID]) -> Written:
         """Save, and say where the aggregate's events landed."""

@@ -25,6 +25,7 @@ from starlette.requests import HTTPConnection
 from services.common import database
 from services.common.auth import Principal, TokenVerifier
 from services.common.eventstore import CommandContext, TandemApplication, Written, new_correlation_id, run_command
+from services.common.idempotency import IdempotencyClaim, KeyReused, request_hash
 from services.common.problems import Problem, ProblemDetail, install_problem_handlers
 from services.common.projections import ProjectionSpec, ProjectionThread
 from services.common.schemas import WriteResult
@@ -230,14 +231,36 @@ def set_position(response: Response, log_name: str, position: int) -> None:
     response.headers[POSITION_HEADER] = format_position(log_name, position)
 
 
+IdempotencyKey = Annotated[str, Header(
+    alias="Idempotency-Key", pattern=r"^[\x21-\x7e]{1,200}$",
+    description="Makes a retry safe: the same key with the same request appends nothing new and "
+                "gets the first answer again (with `Idempotent-Replayed: true`); with another "
+                "request it is refused.")]
+
+
 async def execute_write(
     request: Request, response: Response, principal: Principal, log_name: str,
     command: Callable[..., Written], *args: Any, status: int = 201, location: str | None = None,
-    **kwargs: Any,
+    idempotency_key: str | None = None, **kwargs: Any,
 ) -> WriteResult:
     """Run a command under the request's context and answer as every write does: the status,
-    `ETag` (the new version), `Location` (with `{id}` filled in) and `Tandem-Position`."""
-    written = await run_command(command_context(request, principal), command, *args, **kwargs)
+    `ETag` (the new version), `Location` (with `{id}` filled in) and `Tandem-Position`. Under an
+    Idempotency-Key, a retry gets the first answer and appends nothing."""
+    context = command_context(request, principal)
+    if idempotency_key is None:
+        written = await run_command(context, command, *args, **kwargs)
+    else:
+        claim = IdempotencyClaim(principal.subject, idempotency_key,
+                                 request_hash(request.method, request.url.path, await request.body()))
+        application: TandemApplication = request.app.state.application
+        try:
+            written, earlier = await run_command(context, application.answer_once, claim, command, *args, **kwargs)
+        except KeyReused:
+            raise Problem(422, "Idempotency-Key reused",
+                          "This Idempotency-Key was used for a different request; use a new key.",
+                          kind="idempotency-key-reused") from None
+        if earlier is not None:
+            response.headers["Idempotent-Replayed"] = "true"
     response.status_code = status
     response.headers["ETag"] = etag(written.version)
     if location:

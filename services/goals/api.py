@@ -34,6 +34,7 @@ from services.common.schemas import (
 from services.common.web import (
     PROBLEM_RESPONSES,
     WRITE_RESPONSES,
+    IdempotencyKey,
     IfMatch,
     ReadYourWrites,
     TrackedLog,
@@ -219,11 +220,13 @@ def _app(request: Request) -> Goals:
 
 
 @router.post("/units", status_code=201, tags=["org units"], responses=WRITE_RESPONSES)
-async def create_unit(body: UnitIn, request: Request, response: Response, principal: Writer) -> WriteResult:
+async def create_unit(body: UnitIn, request: Request, response: Response, principal: Writer,
+                       idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Create a company, department or team under a parent unit."""
     return await execute_write(request, response, principal, LOG, _app(request).create_unit,
                         name=body.name, kind=body.kind, parent_id=body.parent_id,
-                        location="/v1/units/{id}")
+                        location="/v1/units/{id}",
+                               idempotency_key=idempotency_key)
 
 
 @router.get("/units", tags=["org units"])
@@ -249,11 +252,13 @@ async def get_unit(unit_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites, res
 
 
 @router.post("/cycles", status_code=201, tags=["cycles"], responses=WRITE_RESPONSES)
-async def create_cycle(body: CycleIn, request: Request, response: Response, principal: Writer) -> WriteResult:
+async def create_cycle(body: CycleIn, request: Request, response: Response, principal: Writer,
+                       idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Create a quarter or a year; `status: active` opens it at once."""
     return await execute_write(request, response, principal, LOG, _app(request).create_cycle,
                         name=body.name, starts_on=body.starts_on, ends_on=body.ends_on,
-                        activate=body.status == "active", location="/v1/cycles/{id}")
+                        activate=body.status == "active", location="/v1/cycles/{id}",
+                               idempotency_key=idempotency_key)
 
 
 @router.get("/cycles", tags=["cycles"])
@@ -272,12 +277,14 @@ async def get_cycle(cycle_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites, r
 
 
 @router.post("/objectives", status_code=201, tags=["objectives"], responses=WRITE_RESPONSES)
-async def create_objective(body: ObjectiveIn, request: Request, response: Response, principal: Writer) -> WriteResult:
+async def create_objective(body: ObjectiveIn, request: Request, response: Response, principal: Writer,
+                       idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Create an objective in a cycle for a unit, optionally aligned to a parent objective."""
     return await execute_write(request, response, principal, LOG, _app(request).create_objective,
                         title=body.title, description=body.description, owner_kind=body.owner.kind,
                         owner_id=body.owner.id, unit_id=body.unit_id, cycle_id=body.cycle_id,
-                        parent_id=body.parent_id, location="/v1/objectives/{id}")
+                        parent_id=body.parent_id, location="/v1/objectives/{id}",
+                               idempotency_key=idempotency_key)
 
 
 async def _objectives_with_key_results(pool: asyncpg.Pool, rows: list[asyncpg.Record]) -> list[ObjectiveOut]:
@@ -334,13 +341,15 @@ async def align_objective(objective_id: UUID, body: AlignmentIn, request: Reques
 @router.post("/objectives/{objective_id}/key-results", status_code=201, tags=["key results"],
              responses=WRITE_RESPONSES)
 async def add_key_result(objective_id: UUID, body: KeyResultIn, request: Request, response: Response,
-                         principal: Writer) -> WriteResult:
+                         principal: Writer,
+                       idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Add a measurable key result to the objective."""
     return await execute_write(request, response, principal, LOG, _app(request).add_key_result,
                         objective_id=objective_id, title=body.title, kind=body.kind, start=body.start,
                         target=body.target, low=body.low, high=body.high,
                         milestones=[m.model_dump() for m in body.milestones], unit=body.unit,
-                        weight=body.weight, owner_id=body.owner_id, location="/v1/key-results/{id}")
+                        weight=body.weight, owner_id=body.owner_id, location="/v1/key-results/{id}",
+                               idempotency_key=idempotency_key)
 
 
 @router.get("/key-results/{key_result_id}", tags=["key results"])
@@ -355,13 +364,15 @@ async def get_key_result(key_result_id: UUID, pool: Pool, _: Reader, __: ReadYou
 @router.post("/key-results/{key_result_id}/check-ins", status_code=201, tags=["key results"],
              responses=WRITE_RESPONSES)
 async def check_in(key_result_id: UUID, body: CheckInIn, request: Request, response: Response,
-                   principal: Writer, if_match: IfMatch = None) -> WriteResult:
+                   principal: Writer, if_match: IfMatch = None,
+                       idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Record a value, a confidence (0-10) and a note; appends `KeyResultProgressed`."""
     return await execute_write(request, response, principal, LOG, _app(request).check_in, key_result_id,
                         value=body.value, confidence=body.confidence, note=body.note,
                         valid_on=body.valid_on or date.today(),
                         expected_version=if_match_version(if_match),
-                        location=f"/v1/key-results/{key_result_id}/check-ins")
+                        location=f"/v1/key-results/{key_result_id}/check-ins",
+                               idempotency_key=idempotency_key)
 
 
 @router.get("/key-results/{key_result_id}/check-ins", tags=["key results"])

@@ -32,6 +32,7 @@ from services.common.schemas import (
 from services.common.web import (
     PROBLEM_RESPONSES,
     WRITE_RESPONSES,
+    IdempotencyKey,
     IfMatch,
     ReadYourWrites,
     TrackedLog,
@@ -151,14 +152,16 @@ def _app(request: Request) -> Metrics:
 
 
 @router.post("/kpis", status_code=201, responses=WRITE_RESPONSES)
-async def define_kpi(body: KPIIn, request: Request, response: Response, principal: Writer) -> WriteResult:
+async def define_kpi(body: KPIIn, request: Request, response: Response, principal: Writer,
+                       idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Define a KPI with its threshold rules; appends `KPIDefined`."""
     return await execute_write(request, response, principal, LOG, _app(request).define_kpi,
                         name=body.name, description=body.description, unit=body.unit,
                         owner_id=body.owner_id, unit_id=body.unit_id, direction=body.direction,
                         cadence=body.cadence, target=body.target,
                         rules=[r.model_dump(by_alias=False) for r in body.rules],
-                        location="/v1/kpis/{id}")
+                        location="/v1/kpis/{id}",
+                               idempotency_key=idempotency_key)
 
 
 @router.get("/kpis")
@@ -195,13 +198,15 @@ async def get_kpi(kpi_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites, respo
 
 @router.post("/kpis/{kpi_id}/measurements", status_code=201, responses=WRITE_RESPONSES)
 async def record_measurement(kpi_id: UUID, body: MeasurementIn, request: Request, response: Response,
-                             principal: Writer, if_match: IfMatch = None) -> WriteResult:
+                             principal: Writer, if_match: IfMatch = None,
+                       idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Record a value for a moment; appends `KPIMeasured`, and `KPIThresholdBreached` or
     `KPIRecovered` for each rule the value fires or clears."""
     return await execute_write(request, response, principal, LOG, _app(request).record_measurement, kpi_id,
                         value=body.value, measured_at=body.measured_at or datetime.now(UTC),
                         source=body.source, expected_version=if_match_version(if_match),
-                        location=f"/v1/kpis/{kpi_id}/measurements")
+                        location=f"/v1/kpis/{kpi_id}/measurements",
+                               idempotency_key=idempotency_key)
 
 
 @router.get("/kpis/{kpi_id}/measurements")

@@ -163,3 +163,50 @@ async def test_tokens(goals: httpx.AsyncClient, token: Callable[..., str]) -> No
         assert (await bare.get("/v1/units", headers=auditor)).status_code == 200
         r = await bare.post("/v1/units", json={"name": "Acme", "kind": "company"}, headers=auditor)
         assert r.status_code == 403
+
+
+async def _events_of(database_url: str, aggregate_id: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT count(*) FROM goals.goals_events WHERE originator_id = %s",
+                            (aggregate_id,)).fetchone()[0]
+
+
+async def test_a_retry_with_the_same_idempotency_key_appends_nothing(goals: httpx.AsyncClient, database_url: str) -> None:
+    ids = await seed(goals)
+    kr = await post(goals, f"/v1/objectives/{ids['objective']}/key-results",
+                    {"title": "Count", "kind": "increase_to", "start": 0, "target": 10})
+    body = {"value": 3, "confidence": 5, "note": "first"}
+    first = await goals.post(f"/v1/key-results/{kr['id']}/check-ins", json=body, headers={"Idempotency-Key": "ci-1"})
+    again = await goals.post(f"/v1/key-results/{kr['id']}/check-ins", content=json.dumps(body, indent=2),
+                             headers={"Idempotency-Key": "ci-1", "content-type": "application/json"})
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json()
+    assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
+    assert again.headers["ETag"] == first.headers["ETag"] and again.headers["Tandem-Position"] == first.headers["Tandem-Position"]
+    assert await _events_of(database_url, kr["id"]) == 2  # created + one check-in
+
+    other = await goals.post(f"/v1/key-results/{kr['id']}/check-ins", json={"value": 4}, headers={"Idempotency-Key": "ci-1"})
+    assert other.status_code == 422 and other.json()["type"].endswith("/idempotency-key-reused")
+    assert await _events_of(database_url, kr["id"]) == 2
+
+
+async def test_racing_twins_with_one_key_write_once(goals: httpx.AsyncClient, database_url: str) -> None:
+    ids = await seed(goals)
+    body = {"title": "Twin", "kind": "done"}
+    answers = await asyncio.gather(*[
+        goals.post(f"/v1/objectives/{ids['objective']}/key-results", json=body, headers={"Idempotency-Key": "twin-7"})
+        for _ in range(8)])
+    assert {a.status_code for a in answers} == {201}
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == 7
+    assert await _events_of(database_url, answers[0].json()["id"]) == 1
+
+
+async def test_keys_belong_to_their_caller(goals: httpx.AsyncClient, auth: Callable[..., dict[str, str]]) -> None:
+    body = {"name": "Acme", "kind": "company"}
+    mine = await goals.post("/v1/units", json=body, headers={"Idempotency-Key": "u-1"})
+    theirs = await goals.post("/v1/units", json=body, headers={**auth("admin", "grace"), "Idempotency-Key": "u-1"})
+    assert mine.status_code == theirs.status_code == 201
+    assert mine.json()["id"] != theirs.json()["id"]
+    bad = await goals.post("/v1/units", json=body, headers={"Idempotency-Key": "has space"})
+    assert bad.status_code == 422

@@ -1,0 +1,121 @@
+"""Idempotency-Key on every POST: a retried request appends nothing new.
+
+The key is recorded in the same transaction as the events of the write it names, by the
+application's recorder (`IdempotentRecorder`, the library's PostgreSQL recorder with one more
+statement before the events are inserted). So a key is stored exactly when its events are, and
+a retry either finds the key (and gets the first answer again) or runs first. Two copies of a
+request racing each other: the second blocks on the first's uncommitted key, then finds it
+taken, rolls back its own events and answers as the first did.
+
+A key belongs to one caller (the token's subject) and one request: the same key with another
+body is refused (422), as the IETF Idempotency-Key draft recommends.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder
+from psycopg import Cursor
+from psycopg.rows import DictRow
+from psycopg.sql import SQL, Identifier
+
+TABLE = "idempotency_keys"
+
+
+@dataclass
+class IdempotencyClaim:
+    """A request's claim on a key, carried to the recorder through the command's context."""
+
+    subject: str
+    key: str
+    request_hash: str
+    used: bool = False
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    """What the first request with a key wrote (its answer is rebuilt from this)."""
+
+    request_hash: str
+    aggregate_id: uuid.UUID
+    version: int
+    position: int
+
+
+class KeyTaken(Exception):
+    """Another request with the same key committed first; this one's events were rolled back."""
+
+
+class KeyReused(Exception):
+    """The key was used before for a different request."""
+
+
+_claim: contextvars.ContextVar[IdempotencyClaim | None] = contextvars.ContextVar("tandem_idempotency", default=None)
+
+
+def current_claim() -> IdempotencyClaim | None:
+    return _claim.get()
+
+
+def set_claim(claim: IdempotencyClaim | None) -> contextvars.Token[IdempotencyClaim | None]:
+    return _claim.set(claim)
+
+
+def reset_claim(token: contextvars.Token[IdempotencyClaim | None]) -> None:
+    _claim.reset(token)
+
+
+def request_hash(method: str, path: str, body: bytes) -> str:
+    """The request's fingerprint: method, path and the body's JSON, whitespace and key order aside."""
+    try:
+        canonical = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")) if body else ""
+    except ValueError:
+        canonical = body.decode("utf-8", "replace")
+    return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
+
+
+class IdempotentRecorder(PostgresApplicationRecorder):
+    """The library's application recorder, plus the idempotency key table of the schema."""
+
+    def __init__(self, datastore: Any, **kwargs: Any) -> None:
+        super().__init__(datastore, **kwargs)
+        self.keys_table = SQL("{}.{}").format(Identifier(self.datastore.schema), Identifier(TABLE))
+        self.sql_create_statements.append(SQL(
+            "CREATE TABLE IF NOT EXISTS {} (subject text NOT NULL, key text NOT NULL, "
+            "request_hash text NOT NULL, aggregate_id uuid NOT NULL, aggregate_version bigint NOT NULL, "
+            "recorded_at timestamptz NOT NULL DEFAULT now(), "
+            "PRIMARY KEY (subject, key))").format(self.keys_table))
+
+    def _insert_events(self, curs: Cursor[DictRow], stored_events: list[StoredEvent], **kwargs: Any) -> None:
+        record = kwargs.get("idempotency")
+        if record is not None:
+            claim, aggregate_id, version = record
+            curs.execute(SQL(
+                "INSERT INTO {} (subject, key, request_hash, aggregate_id, aggregate_version) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1").format(self.keys_table),
+                (claim.subject, claim.key, claim.request_hash, aggregate_id, version))
+            if curs.fetchone() is None:
+                raise KeyTaken(claim.key)
+        super()._insert_events(curs, stored_events, **kwargs)
+
+    def stored_answer(self, subject: str, key: str) -> StoredAnswer | None:
+        """The answer recorded for a key, with the log position of the write it names."""
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(SQL(
+                "SELECT k.*, e.notification_id FROM {} k LEFT JOIN {}.{} e "
+                "ON e.originator_id = k.aggregate_id AND e.originator_version = k.aggregate_version "
+                "WHERE k.subject = %s AND k.key = %s").format(
+                    self.keys_table, Identifier(self.datastore.schema), Identifier(self.events_table_name)),
+                (subject, key))
+            row = curs.fetchone()
+        if row is None:
+            return None
+        return StoredAnswer(row["request_hash"], row["aggregate_id"], row["aggregate_version"],
+                            int(row["notification_id"] or 0))
