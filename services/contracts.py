@@ -95,12 +95,16 @@ def event_schemas(service: str) -> dict[str, dict[str, Any]]:
             name = topic_event_type(topic)
             version = getattr(event_class, "class_version", 1)
             properties: dict[str, Any] = {}
+            required = []
             for f in dataclasses.fields(event_class):
                 if f.name in _NOT_STORED:
                     continue
                 tp = eval(f.type, namespace) if isinstance(f.type, str) else f.type  # noqa: S307 - our own annotations
                 properties[f.name] = _type_schema(tp)
-            required = sorted(properties)
+                # A field added later has a default, so events stored before it lack it.
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    required.append(f.name)
+            required.sort()
             properties["meta"] = {"$ref": "#/$defs/meta"}
             if version > 1:
                 properties["class_version"] = {"const": version}

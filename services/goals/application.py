@@ -2,29 +2,48 @@
 
 Commands are synchronous (the library's PostgreSQL persistence is psycopg 3); the API runs them
 in a thread pool. Each returns what the client needs to read its own write: the aggregate's id,
-its new version (the ETag) and the log position of the last event stored.
+its new version (the ETag) and the log position of the last event stored. A command that
+writes several aggregates saves them in one transaction, and every `Written` it returns carries
+the position of that transaction's last event, so waiting for any of them sees the whole
+command.
+
+The rules that span aggregates live here: alignment and contributions never form a cycle, the
+unit tree and the management chain neither, a quarter lies inside its year, check-ins freeze
+once the cycle is closed, a key result moves only within its cycle, carry-over goes forward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.domain import MutableOrImmutableAggregate
 
 from services.common.eventstore import TandemApplication, Written, retry_on_conflict
 from services.goals.domain import (
+    UNCHANGED,
+    CoachingWarning,
     Cycle,
+    CycleKind,
+    CycleStatus,
     DomainError,
     KeyResult,
     KeyResultKind,
     Objective,
+    ObjectiveStatus,
     OrgUnit,
     OwnerKind,
+    Person,
+    Unchanged,
     UnitKind,
+    coaching_warnings,
+    objective_score,
 )
 
-MAX_ALIGNMENT_DEPTH = 64
+MAX_ALIGNMENT_NODES = 10_000  # objectives visited looking for an alignment cycle
+MAX_TREE_DEPTH = 64  # levels walked up the unit tree or the management chain
 
 
 class Goals(TandemApplication):
@@ -46,11 +65,20 @@ class Goals(TandemApplication):
         except AggregateNotFoundError:
             raise DomainError(f"no {what} with id {aggregate_id}") from None
 
+    def save_together(self, *aggregates: MutableOrImmutableAggregate[UUID]) -> list[Written]:
+        """Save several aggregates in one transaction; each `Written` carries the position of
+        the transaction's last event."""
+        recordings = self.save(*aggregates)
+        position = max((r.notification.id for r in recordings), default=0)
+        return [Written(a.id, a.version, position) for a in aggregates]
+
     # Org units -----------------------------------------------------------------------------
 
     def create_unit(self, *, name: str, kind: UnitKind, parent_id: UUID | None) -> Written:
         if parent_id is not None:
             self._existing(OrgUnit, parent_id, "org unit")
+            if kind == UnitKind.company:
+                raise DomainError("a company is the root of its tree and cannot get a parent")
         elif kind is not UnitKind.company:
             raise DomainError("only a company may have no parent unit")
         return self.save_written(OrgUnit(name=name, kind=kind, parent_id=parent_id))
@@ -58,15 +86,177 @@ class Goals(TandemApplication):
     def get_unit(self, unit_id: UUID) -> OrgUnit:
         return self._load(OrgUnit, unit_id)
 
+    @retry_on_conflict
+    def rename_unit(self, unit_id: UUID, name: str, expected_version: int | None = None) -> Written:
+        unit = self.get_unit(unit_id)
+        self.check_version(unit, expected_version)
+        if not name.strip():
+            raise DomainError("a unit's name cannot be blank")
+        if name != unit.name:
+            unit.rename(name)
+        return self.save_written(unit)
+
+    @retry_on_conflict
+    def move_unit(self, unit_id: UUID, parent_id: UUID | None, expected_version: int | None = None) -> Written:
+        """Hang a unit under another parent; never under itself or anything below it."""
+        unit = self.get_unit(unit_id)
+        self.check_version(unit, expected_version)
+        if parent_id is not None and parent_id != unit_id:
+            self._existing(OrgUnit, parent_id, "org unit")
+            self._refuse_unit_cycle(unit_id, parent_id)
+        unit.move(parent_id)
+        return self.save_written(unit)
+
+    def _refuse_unit_cycle(self, unit_id: UUID, parent_id: UUID) -> None:
+        """Walk up from the new parent: meeting the unit itself would close a loop."""
+        current: UUID | None = parent_id
+        for _ in range(MAX_TREE_DEPTH):
+            if current is None:
+                return
+            if current == unit_id:
+                raise DomainError("this move would form a cycle in the unit tree: the new parent lies below the unit")
+            current = self.get_unit(current).parent_id
+        raise DomainError(f"unit trees are limited to {MAX_TREE_DEPTH} levels")
+
+    # People --------------------------------------------------------------------------------
+
+    def get_person(self, person_id: UUID) -> Person:
+        return self._load(Person, person_id)
+
+    def _present_person(self, person_id: UUID, what: str) -> Person:
+        person = self._existing(Person, person_id, what)
+        if person.has_left:
+            raise DomainError(f"{person.name} ({what}) left on {person.left_on.isoformat()}")
+        return person
+
+    def join_person(
+        self, *, name: str, email: str, unit_id: UUID, manager_id: UUID | None = None, joined_on: date
+    ) -> Written:
+        self._existing(OrgUnit, unit_id, "org unit")
+        if manager_id is not None:
+            self._present_person(manager_id, "manager")
+        return self.save_written(Person.join(name=name, email=email, unit_id=unit_id, manager_id=manager_id,
+                                             joined_on=joined_on))
+
+    @retry_on_conflict
+    def move_person(
+        self, person_id: UUID, *, unit_id: UUID, effective_on: date, expected_version: int | None = None
+    ) -> Written:
+        person = self.get_person(person_id)
+        self.check_version(person, expected_version)
+        self._existing(OrgUnit, unit_id, "org unit")
+        person.move_to_unit(unit_id, effective_on)
+        return self.save_written(person)
+
+    @retry_on_conflict
+    def change_manager(
+        self, person_id: UUID, *, manager_id: UUID | None, effective_on: date, expected_version: int | None = None
+    ) -> Written:
+        """Nobody manages themselves, directly or up the chain."""
+        person = self.get_person(person_id)
+        self.check_version(person, expected_version)
+        if manager_id is not None and manager_id != person_id:
+            self._present_person(manager_id, "manager")
+            self._refuse_management_cycle(person_id, manager_id)
+        person.change_manager(manager_id, effective_on)
+        return self.save_written(person)
+
+    def _refuse_management_cycle(self, person_id: UUID, manager_id: UUID) -> None:
+        current: UUID | None = manager_id
+        for _ in range(MAX_TREE_DEPTH):
+            if current is None:
+                return
+            if current == person_id:
+                raise DomainError("this change would form a cycle in the management chain")
+            current = self.get_person(current).manager_id
+        raise DomainError(f"management chains are limited to {MAX_TREE_DEPTH} levels")
+
+    @retry_on_conflict
+    def person_leaves(self, person_id: UUID, *, left_on: date, expected_version: int | None = None) -> Written:
+        person = self.get_person(person_id)
+        self.check_version(person, expected_version)
+        person.leave(left_on)
+        return self.save_written(person)
+
     # Cycles --------------------------------------------------------------------------------
 
-    def create_cycle(self, *, name: str, starts_on: date, ends_on: date, activate: bool) -> Written:
-        cycle = Cycle(name=name, starts_on=starts_on, ends_on=ends_on)
+    def create_cycle(
+        self,
+        *,
+        name: str,
+        starts_on: date,
+        ends_on: date,
+        activate: bool,
+        kind: CycleKind | None = None,
+        parent_id: UUID | None = None,
+    ) -> Written:
+        """A quarter or a year (without `kind`, inferred from its length). A quarter may sit
+        inside an open year that holds its dates."""
+        cycle = Cycle.define(name=name, starts_on=starts_on, ends_on=ends_on, kind=kind, parent_id=parent_id)
+        if parent_id is not None:
+            parent = self._existing(Cycle, parent_id, "cycle")
+            if parent.kind != CycleKind.year:
+                raise DomainError("a quarter sits inside a year, and the parent cycle is not a year")
+            if parent.status == CycleStatus.closed:
+                raise DomainError("the parent year is closed")
+            if not parent.contains(starts_on, ends_on):
+                raise DomainError(
+                    f"the quarter's dates must lie inside its year ({parent.starts_on.isoformat()} to "
+                    f"{parent.ends_on.isoformat()})")
         if activate:
             cycle.activate()
         return self.save_written(cycle)
 
+    def get_cycle(self, cycle_id: UUID) -> Cycle:
+        return self._load(Cycle, cycle_id)
+
+    @retry_on_conflict
+    def activate_cycle(self, cycle_id: UUID, expected_version: int | None = None) -> Written:
+        cycle = self.get_cycle(cycle_id)
+        self.check_version(cycle, expected_version)
+        cycle.activate()
+        return self.save_written(cycle)
+
+    @retry_on_conflict
+    def close_cycle(
+        self,
+        cycle_id: UUID,
+        objective_ids: Sequence[UUID] = (),
+        *,
+        reason: str = "graded when the cycle closed",
+        expected_version: int | None = None,
+    ) -> Written:
+        """Close the cycle and grade its objectives, in one transaction.
+
+        `objective_ids` are the cycle's objectives (the caller reads them from the read model;
+        the cycle records nothing about its objectives). Each one that is not archived gets
+        `Graded` with its score (the weighted mean of its key results' scores) and is closed.
+        From then on, its key results take no check-ins. The `Written` is the cycle's.
+        """
+        cycle = self.get_cycle(cycle_id)
+        self.check_version(cycle, expected_version)
+        objectives = []
+        for objective_id in dict.fromkeys(objective_ids):
+            objective = self._existing(Objective, objective_id, "objective")
+            if objective.cycle_id != cycle_id:
+                raise DomainError(f"objective {objective_id} is not in this cycle")
+            objectives.append(objective)
+        cycle.close()
+        graded = []
+        for objective in objectives:
+            if objective.status == ObjectiveStatus.archived:
+                continue
+            objective.grade(objective_score(self.key_results_of(objective)), reason)
+            graded.append(objective)
+        return self.save_together(cycle, *graded)[0]
+
     # Objectives ----------------------------------------------------------------------------
+
+    def _check_owner(self, owner_kind: OwnerKind, owner_id: UUID) -> None:
+        if owner_kind == OwnerKind.unit:
+            self._existing(OrgUnit, owner_id, "org unit")
+        else:
+            self._present_person(owner_id, "owner")
 
     def create_objective(
         self,
@@ -78,46 +268,213 @@ class Goals(TandemApplication):
         unit_id: UUID,
         cycle_id: UUID,
         parent_id: UUID | None,
+        status: ObjectiveStatus = ObjectiveStatus.active,
     ) -> Written:
+        """An objective, active or as a draft, in an open cycle; its owner is a unit or a person
+        who has not left."""
         self._existing(OrgUnit, unit_id, "org unit")
         cycle = self._existing(Cycle, cycle_id, "cycle")
-        if cycle.status == "closed":
+        if cycle.status == CycleStatus.closed:
             raise DomainError("objectives cannot be added to a closed cycle")
-        if owner_kind is OwnerKind.unit:
-            self._existing(OrgUnit, owner_id, "org unit")
-        objective = Objective(title=title, description=description, owner_kind=owner_kind,
-                              owner_id=owner_id, unit_id=unit_id, cycle_id=cycle_id)
+        self._check_owner(owner_kind, owner_id)
+        objective = Objective.define(title=title, description=description, owner_kind=owner_kind,
+                                     owner_id=owner_id, unit_id=unit_id, cycle_id=cycle_id, status=status)
         if parent_id is not None:
-            self._existing(Objective, parent_id, "objective")
+            self._target_objective(parent_id)
             objective.align_to(parent_id)
         return self.save_written(objective)
 
     def get_objective(self, objective_id: UUID) -> Objective:
         return self._load(Objective, objective_id)
 
+    def _target_objective(self, objective_id: UUID) -> Objective:
+        """An objective another one aligns or contributes to: it exists and is not archived."""
+        target = self._existing(Objective, objective_id, "objective")
+        if target.status == ObjectiveStatus.archived:
+            raise DomainError("an archived objective takes no alignments or contributions")
+        return target
+
+    @retry_on_conflict
+    def update_objective(
+        self,
+        objective_id: UUID,
+        *,
+        title: str | None = None,
+        description: str | None = None,
+        owner_kind: OwnerKind | None = None,
+        owner_id: UUID | None = None,
+        expected_version: int | None = None,
+    ) -> Written:
+        """Change the title, description or owner (left out = kept)."""
+        objective = self.get_objective(objective_id)
+        self.check_version(objective, expected_version)
+        if owner_kind is not None or owner_id is not None:
+            self._check_owner(owner_kind or objective.owner_kind, owner_id or objective.owner_id)
+        objective.update(title=title, description=description, owner_kind=owner_kind, owner_id=owner_id)
+        return self.save_written(objective)
+
+    @retry_on_conflict
+    def activate_objective(self, objective_id: UUID, expected_version: int | None = None) -> Written:
+        objective = self.get_objective(objective_id)
+        self.check_version(objective, expected_version)
+        objective.activate()
+        return self.save_written(objective)
+
+    @retry_on_conflict
+    def close_objective(self, objective_id: UUID, expected_version: int | None = None) -> Written:
+        objective = self.get_objective(objective_id)
+        self.check_version(objective, expected_version)
+        objective.close()
+        return self.save_written(objective)
+
+    @retry_on_conflict
+    def reopen_objective(self, objective_id: UUID, expected_version: int | None = None) -> Written:
+        """Only while its cycle is open: a closed cycle's grades are final."""
+        objective = self.get_objective(objective_id)
+        self.check_version(objective, expected_version)
+        if self.get_cycle(objective.cycle_id).status == CycleStatus.closed:
+            raise DomainError("the objective's cycle is closed; regrade the objective instead of reopening it")
+        objective.reopen()
+        return self.save_written(objective)
+
+    @retry_on_conflict
+    def archive_objective(self, objective_id: UUID, expected_version: int | None = None) -> Written:
+        objective = self.get_objective(objective_id)
+        self.check_version(objective, expected_version)
+        objective.archive()
+        return self.save_written(objective)
+
+    @retry_on_conflict
+    def regrade_objective(
+        self, objective_id: UUID, *, final_score: float, reason: str, expected_version: int | None = None
+    ) -> Written:
+        objective = self.get_objective(objective_id)
+        self.check_version(objective, expected_version)
+        objective.regrade(final_score, reason)
+        return self.save_written(objective)
+
     @retry_on_conflict
     def align_objective(self, objective_id: UUID, parent_id: UUID | None, expected_version: int | None) -> Written:
         objective = self.get_objective(objective_id)
         self.check_version(objective, expected_version)
-        if parent_id is not None:
-            self._existing(Objective, parent_id, "objective")
-            self._refuse_alignment_cycle(objective_id, parent_id)
+        if parent_id is not None and parent_id != objective_id:
+            self._target_objective(parent_id)
+            self._refuse_alignment_cycle(objective_id, parent_id, "this alignment would form a cycle")
         objective.align_to(parent_id)
         return self.save_written(objective)
 
-    def _refuse_alignment_cycle(self, objective_id: UUID, parent_id: UUID) -> None:
-        """Walk up from the new parent: meeting the objective itself would close a loop."""
-        current: UUID | None = parent_id
-        for _ in range(MAX_ALIGNMENT_DEPTH):
-            if current is None:
-                return
+    @retry_on_conflict
+    def add_contribution(
+        self, objective_id: UUID, to_objective_id: UUID, weight: float = 1.0, expected_version: int | None = None
+    ) -> Written:
+        """Contribute to another objective with a weight (again: a new weight)."""
+        objective = self.get_objective(objective_id)
+        self.check_version(objective, expected_version)
+        if to_objective_id != objective_id:
+            self._target_objective(to_objective_id)
+            self._refuse_alignment_cycle(objective_id, to_objective_id,
+                                         "this contribution would form a cycle in the alignment graph")
+        objective.add_contribution(to_objective_id, weight)
+        return self.save_written(objective)
+
+    @retry_on_conflict
+    def remove_contribution(
+        self, objective_id: UUID, to_objective_id: UUID, expected_version: int | None = None
+    ) -> Written:
+        objective = self.get_objective(objective_id)
+        self.check_version(objective, expected_version)
+        objective.remove_contribution(to_objective_id)
+        return self.save_written(objective)
+
+    def _refuse_alignment_cycle(self, objective_id: UUID, target_id: UUID, message: str) -> None:
+        """A new edge objective -> target closes a loop if the objective can be reached from the
+        target along parent and contribution edges (together they form one graph)."""
+        seen: set[UUID] = set()
+        stack = [target_id]
+        while stack:
+            current = stack.pop()
             if current == objective_id:
-                raise DomainError("this alignment would form a cycle")
-            current = self.get_objective(current).parent_id
-        raise DomainError(f"alignment chains are limited to {MAX_ALIGNMENT_DEPTH} levels")
+                raise DomainError(message)
+            if current in seen:
+                continue
+            seen.add(current)
+            if len(seen) > MAX_ALIGNMENT_NODES:
+                raise DomainError(f"alignment graphs are limited to {MAX_ALIGNMENT_NODES} objectives")
+            try:
+                node = self.get_objective(current)
+            except AggregateNotFoundError:
+                continue
+            if node.parent_id is not None:
+                stack.append(node.parent_id)
+            stack.extend(node.contributes_to)
+
+    @retry_on_conflict
+    def carry_over(
+        self,
+        objective_id: UUID,
+        to_cycle_id: UUID,
+        *,
+        status: ObjectiveStatus = ObjectiveStatus.active,
+        expected_version: int | None = None,
+    ) -> list[Written]:
+        """Carry a graded objective into a later cycle: a new objective with the same title,
+        description, owner and unit (`carried_from` names the original; no alignment, which
+        belonged to the old cycle) and a copy of each key result with its kind, baseline,
+        targets, milestones, unit, weight and owner (no check-ins). The original records
+        `CarriedOver`. Returns the new objective's `Written`, then each new key result's, then
+        the original's."""
+        original = self.get_objective(objective_id)
+        self.check_version(original, expected_version)
+        if not original.graded:
+            raise DomainError("only a closed, graded objective can be carried over")
+        source = self.get_cycle(original.cycle_id)
+        target = self._existing(Cycle, to_cycle_id, "cycle")
+        if target.status == CycleStatus.closed:
+            raise DomainError("the target cycle is closed")
+        if target.starts_on <= source.ends_on:
+            raise DomainError(
+                f"an objective is carried forward: the target cycle must start after {source.ends_on.isoformat()}")
+        new = Objective.define(title=original.title, description=original.description,
+                               owner_kind=original.owner_kind, owner_id=original.owner_id,
+                               unit_id=original.unit_id, cycle_id=to_cycle_id, status=status,
+                               carried_from=original.id)
+        copies = []
+        for kr in self.key_results_of(original):
+            copy = KeyResult.define(objective_id=new.id, title=kr.title, kind=kr.kind, start=kr.start,
+                                    target=kr.target, low=kr.low, high=kr.high,
+                                    milestones=[dict(m) for m in kr.milestones], unit=kr.unit,
+                                    weight=kr.weight, owner_id=kr.owner_id)
+            new.attach_key_result(copy.id)
+            copies.append(copy)
+        original.record_carry_over(new.id, to_cycle_id)
+        return self.save_together(new, *copies, original)
+
+    def key_results_of(self, objective: Objective) -> list[KeyResult]:
+        """The objective's key results, as it lists them."""
+        krs = [self.get_key_result(i) for i in objective.key_result_ids]
+        return [kr for kr in krs if kr.objective_id == objective.id]
+
+    def objective_score(self, objective_id: UUID) -> float | None:
+        return objective_score(self.key_results_of(self.get_objective(objective_id)))
+
+    def lint_objectives(self, objective_ids: Sequence[UUID]) -> list[CoachingWarning]:
+        """The coaching warnings for these objectives (say, an owner's or a cycle's), their key
+        results and their owners, from the write side."""
+        objectives = [self._existing(Objective, i, "objective") for i in dict.fromkeys(objective_ids)]
+        key_results = [kr for o in objectives for kr in self.key_results_of(o)]
+        left = set()
+        for o in objectives:
+            if o.owner_kind == OwnerKind.person:
+                try:
+                    if self.get_person(o.owner_id).has_left:
+                        left.add(o.owner_id)
+                except AggregateNotFoundError:
+                    left.add(o.owner_id)
+        return coaching_warnings(objectives, key_results, left)
 
     # Key results ---------------------------------------------------------------------------
 
+    @retry_on_conflict
     def add_key_result(
         self,
         *,
@@ -133,16 +490,29 @@ class Goals(TandemApplication):
         weight: float,
         owner_id: UUID | None,
     ) -> Written:
+        """A key result and, on its objective, `KeyResultAttached`, in one transaction. The
+        `Written` is the key result's."""
         objective = self.get_objective(objective_id)
         if objective.status in ("closed", "archived"):
             raise DomainError(f"key results cannot be added to a {objective.status} objective")
+        if owner_id is not None:
+            self._present_person(owner_id, "owner")
         kr = KeyResult.define(objective_id=objective_id, title=title, kind=kind, start=start,
                               target=target, low=low, high=high, milestones=milestones,
                               unit=unit, weight=weight, owner_id=owner_id)
-        return self.save_written(kr)
+        objective.attach_key_result(kr.id)
+        return self.save_together(kr, objective)[0]
 
     def get_key_result(self, key_result_id: UUID) -> KeyResult:
         return self._load(KeyResult, key_result_id)
+
+    def _refuse_if_frozen(self, kr: KeyResult) -> None:
+        """A key result moves only while its objective is open and its cycle is not closed."""
+        objective = self.get_objective(kr.objective_id)
+        if self.get_cycle(objective.cycle_id).status == CycleStatus.closed:
+            raise DomainError("the cycle is closed: its key results are frozen")
+        if not objective.is_open:
+            raise DomainError(f"the key result's objective is {objective.status}: its key results are frozen")
 
     @retry_on_conflict
     def check_in(
@@ -157,5 +527,82 @@ class Goals(TandemApplication):
     ) -> Written:
         kr = self.get_key_result(key_result_id)
         self.check_version(kr, expected_version)
+        self._refuse_if_frozen(kr)
         kr.check_in(value=value, confidence=confidence, note=note, valid_on=valid_on)
         return self.save_written(kr)
+
+    @retry_on_conflict
+    def correct_check_in(
+        self,
+        key_result_id: UUID,
+        *,
+        corrects_version: int,
+        value: float,
+        confidence: int | None,
+        note: str,
+        valid_on: date,
+        expected_version: int | None = None,
+    ) -> Written:
+        """Correct the check-in recorded at `corrects_version`; both stay in the history."""
+        kr = self.get_key_result(key_result_id)
+        self.check_version(kr, expected_version)
+        self._refuse_if_frozen(kr)
+        kr.correct_check_in(corrects_version=corrects_version, value=value, confidence=confidence,
+                            note=note, valid_on=valid_on)
+        return self.save_written(kr)
+
+    @retry_on_conflict
+    def revise_key_result(
+        self,
+        key_result_id: UUID,
+        *,
+        title: str | Unchanged = UNCHANGED,
+        unit: str | Unchanged = UNCHANGED,
+        weight: float | Unchanged = UNCHANGED,
+        owner_id: UUID | None | Unchanged = UNCHANGED,
+        start: float | None | Unchanged = UNCHANGED,
+        target: float | None | Unchanged = UNCHANGED,
+        low: float | None | Unchanged = UNCHANGED,
+        high: float | None | Unchanged = UNCHANGED,
+        milestones: list[dict[str, object]] | Unchanged = UNCHANGED,
+        expected_version: int | None = None,
+    ) -> Written:
+        """Change the key result's measure, title, weight or owner; fields left out are kept
+        (`UNCHANGED`), so `None` clears an optional one such as the owner."""
+        kr = self.get_key_result(key_result_id)
+        self.check_version(kr, expected_version)
+        self._refuse_if_frozen(kr)
+        if owner_id is not UNCHANGED and owner_id is not None:
+            self._present_person(owner_id, "owner")
+        kr.revise(title=title, unit=unit, weight=weight, owner_id=owner_id, start=start, target=target,
+                  low=low, high=high, milestones=milestones)
+        return self.save_written(kr)
+
+    @retry_on_conflict
+    def move_key_result(
+        self, key_result_id: UUID, to_objective_id: UUID, expected_version: int | None = None
+    ) -> Written:
+        """Move a key result to another open objective of the same cycle: the key result, the
+        objective it leaves and the one it joins are saved together. The `Written` is the key
+        result's."""
+        kr = self.get_key_result(key_result_id)
+        self.check_version(kr, expected_version)
+        if to_objective_id == kr.objective_id:
+            raise DomainError("the key result already belongs to that objective")
+        source = self.get_objective(kr.objective_id)
+        target = self._existing(Objective, to_objective_id, "objective")
+        if not target.is_open:
+            raise DomainError(f"a key result cannot move to a {target.status} objective")
+        if target.cycle_id != source.cycle_id:
+            raise DomainError("a key result moves only to an objective of the same cycle")
+        self._refuse_if_frozen(kr)
+        kr.move_to(to_objective_id)
+        source.detach_key_result(kr.id)
+        target.attach_key_result(kr.id)
+        return self.save_together(kr, source, target)[0]
+
+    def forecast_key_result(self, key_result_id: UUID) -> tuple[float | None, float | None]:
+        """The projected value and score at the end of the key result's cycle."""
+        kr = self.get_key_result(key_result_id)
+        cycle = self.get_cycle(self.get_objective(kr.objective_id).cycle_id)
+        return kr.forecast(cycle.ends_on)

@@ -1,16 +1,29 @@
-"""The OKR domain: org units, cycles, objectives and key results, with scoring.
+"""The OKR domain: org units, people, cycles, objectives and key results, with scoring,
+forecasts and the coaching lints the seed material names.
 
 Pure: imports nothing from infrastructure. Each aggregate's events are nested inside it and
 named in the past tense; the contract name of an event is the aggregate's name followed by the
 event's (`KeyResult.Progressed` -> `KeyResultProgressed`). Key results are aggregates of their
 own so that check-ins on sibling key results never conflict.
+
+Rules that need only one aggregate live here and raise `DomainError`; rules that span
+aggregates (alignment cycles, unit-tree cycles, a quarter inside its year, frozen check-ins
+after a cycle closes) are checked by the application, which loads the others.
+
+Event bodies only change state; every check happens in the public method before the event is
+triggered, so that tightening a rule never stops an old history from replaying.
+Aggregate state is kept in JSON-friendly shapes (lists, dicts with string keys) so that
+snapshots can store it.
 """
 
 from __future__ import annotations
 
 import enum
+import re
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
+from typing import Any, NamedTuple, Protocol
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
@@ -24,6 +37,11 @@ class UnitKind(enum.StrEnum):
     company = "company"
     department = "department"
     team = "team"
+
+
+class CycleKind(enum.StrEnum):
+    quarter = "quarter"
+    year = "year"
 
 
 class CycleStatus(enum.StrEnum):
@@ -138,7 +156,9 @@ class Measure:
             return 1.0 if self.low <= current <= self.high else 0.0
         if k is KeyResultKind.done:
             return 1.0 if current >= 1 else 0.0
-        reached = int(current)
+        # A projected value (a forecast) can lie outside 0..n: count only whole milestones
+        # that exist.
+        reached = max(0, min(len(self.milestone_weights), int(current)))
         return sum(self.milestone_weights[:reached]) / sum(self.milestone_weights)
 
 
@@ -155,6 +175,20 @@ def weighted_mean(pairs: list[tuple[float | None, float]]) -> float | None:
     return sum(s * w for s, w in scored) / total
 
 
+def _milestone_weights(milestones: Sequence[dict[str, object]]) -> tuple[float, ...]:
+    try:
+        return tuple(float(m["weight"]) for m in milestones)  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        raise DomainError("every milestone needs a numeric weight") from None
+
+
+def _require_text(value: str, what: str) -> None:
+    if not value or not value.strip():
+        raise DomainError(f"{what} cannot be blank")
+
+
+# Org units -------------------------------------------------------------------------------------
+
 class OrgUnit(Aggregate):
     """A company, department or team; units form a tree through `parent_id`."""
 
@@ -168,26 +202,188 @@ class OrgUnit(Aggregate):
     def rename(self, name: str) -> None:
         self.name = name
 
-    @event("Moved")
     def move(self, parent_id: UUID | None) -> None:
+        """Hang the unit under another parent. A company is the root of its tree, so it never
+        gets a parent, and every other unit keeps one. Whether the new parent lies below this
+        unit (a cycle) only the application can see: it walks up from the new parent."""
+        if parent_id == self.id:
+            raise DomainError("a unit cannot be its own parent")
+        if self.kind == UnitKind.company and parent_id is not None:
+            raise DomainError("a company is the root of its tree and cannot get a parent")
+        if self.kind != UnitKind.company and parent_id is None:
+            raise DomainError("only a company may have no parent unit")
+        if parent_id != self.parent_id:
+            self._moved(parent_id=parent_id)
+
+    @event("Moved")
+    def _moved(self, parent_id: UUID | None) -> None:
         self.parent_id = parent_id
 
 
-class Cycle(Aggregate):
-    """A time box for objectives: a quarter or a year, planning -> active -> closed."""
+# People ----------------------------------------------------------------------------------------
 
-    @event("Created")
-    def __init__(self, name: str, starts_on: date, ends_on: date) -> None:
+class Person(Aggregate):
+    """Someone in the organisation: a member of a unit with a manager, both effective-dated.
+
+    The events are the history: who was in which unit and under whom, from which day. The
+    current `unit_id` and `manager_id` are those of the assignment with the latest effective
+    date (for the same date, the later recorded); `unit_on(day)` and `manager_on(day)` answer
+    for any day. `left_on` is the person's last day.
+    """
+
+    @event("Joined")
+    def __init__(self, name: str, email: str, unit_id: UUID, manager_id: UUID | None, joined_on: date) -> None:
+        self.name = name
+        self.email = email
+        self.joined_on = joined_on
+        self.left_on: date | None = None
+        self.units: list[dict[str, Any]] = [{"unit_id": unit_id, "effective_on": joined_on}]
+        self.managers: list[dict[str, Any]] = [{"manager_id": manager_id, "effective_on": joined_on}]
+        self.unit_id = unit_id
+        self.manager_id = manager_id
+
+    @classmethod
+    def join(cls, *, name: str, email: str, unit_id: UUID, manager_id: UUID | None, joined_on: date) -> Person:
+        """Check before anything is recorded."""
+        _require_text(name, "a person's name")
+        if "@" not in email:
+            raise DomainError("a person's email needs an @")
+        return cls(name=name, email=email, unit_id=unit_id, manager_id=manager_id, joined_on=joined_on)
+
+    @property
+    def has_left(self) -> bool:
+        return self.left_on is not None
+
+    def _require_present(self, what: str, day: date) -> None:
+        if self.left_on is not None:
+            raise DomainError(f"{self.name} left on {self.left_on.isoformat()} and cannot {what}")
+        if day < self.joined_on:
+            raise DomainError(f"{what} cannot take effect before {self.name} joined ({self.joined_on.isoformat()})")
+
+    def move_to_unit(self, unit_id: UUID, effective_on: date) -> None:
+        """A person who left cannot move; moving to the unit they are in records nothing."""
+        self._require_present("move to another unit", effective_on)
+        if unit_id != self.unit_id:
+            self._moved_unit(unit_id=unit_id, effective_on=effective_on)
+
+    @event("MovedUnit")
+    def _moved_unit(self, unit_id: UUID, effective_on: date) -> None:
+        self.units.append({"unit_id": unit_id, "effective_on": effective_on})
+        self.unit_id = _latest(self.units)["unit_id"]
+
+    def change_manager(self, manager_id: UUID | None, effective_on: date) -> None:
+        """Nobody manages themselves; the same manager again records nothing."""
+        if manager_id == self.id:
+            raise DomainError("a person cannot be their own manager")
+        self._require_present("change manager", effective_on)
+        if manager_id != self.manager_id:
+            self._manager_changed(manager_id=manager_id, effective_on=effective_on)
+
+    @event("ManagerChanged")
+    def _manager_changed(self, manager_id: UUID | None, effective_on: date) -> None:
+        self.managers.append({"manager_id": manager_id, "effective_on": effective_on})
+        self.manager_id = _latest(self.managers)["manager_id"]
+
+    def leave(self, left_on: date) -> None:
+        """Leaving is once; the history stays."""
+        self._require_present("leave", left_on)
+        self._left(left_on=left_on)
+
+    @event("Left")
+    def _left(self, left_on: date) -> None:
+        self.left_on = left_on
+
+    def unit_on(self, day: date) -> UUID | None:
+        """The unit the person belonged to on `day` (None before joining or after leaving)."""
+        entry = self._as_of(self.units, day)
+        return entry["unit_id"] if entry else None
+
+    def manager_on(self, day: date) -> UUID | None:
+        entry = self._as_of(self.managers, day)
+        return entry["manager_id"] if entry else None
+
+    def _as_of(self, history: list[dict[str, Any]], day: date) -> dict[str, Any] | None:
+        if day < self.joined_on or (self.left_on is not None and day > self.left_on):
+            return None
+        known = [h for h in history if h["effective_on"] <= day]
+        return _latest(known) if known else None
+
+
+def _latest(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The entry with the latest effective date; for the same date, the later recorded."""
+    best = history[0]
+    for h in history[1:]:
+        if h["effective_on"] >= best["effective_on"]:
+            best = h
+    return best
+
+
+# Cycles ----------------------------------------------------------------------------------------
+
+YEAR_FROM_DAYS = 200  # a cycle given without a kind and longer than this is a year
+
+
+def infer_cycle_kind(starts_on: date, ends_on: date) -> CycleKind:
+    return CycleKind.year if (ends_on - starts_on).days >= YEAR_FROM_DAYS else CycleKind.quarter
+
+
+class Cycle(Aggregate):
+    """A time box for objectives: a quarter or a year, planning -> active -> closed.
+
+    A quarter may sit inside its year (`parent_id`); the application checks that the parent is
+    a year and that the dates lie inside it.
+    """
+
+    class Created(Aggregate.Created):
+        name: str
+        starts_on: date
+        ends_on: date
+        # Cycles recorded before kinds existed were all quarters.
+        kind: CycleKind = CycleKind.quarter
+        parent_id: UUID | None = None
+
+    @event(Created)
+    def __init__(
+        self,
+        name: str,
+        starts_on: date,
+        ends_on: date,
+        kind: CycleKind = CycleKind.quarter,
+        parent_id: UUID | None = None,
+    ) -> None:
         if ends_on <= starts_on:
             raise DomainError("a cycle must end after it starts")
         self.name = name
         self.starts_on = starts_on
         self.ends_on = ends_on
+        self.kind = CycleKind(kind)
+        self.parent_id = parent_id
         self.status = CycleStatus.planning
 
+    @classmethod
+    def define(
+        cls,
+        *,
+        name: str,
+        starts_on: date,
+        ends_on: date,
+        kind: CycleKind | None = None,
+        parent_id: UUID | None = None,
+    ) -> Cycle:
+        """Check before anything is recorded; without a kind, a long cycle is a year."""
+        if ends_on <= starts_on:
+            raise DomainError("a cycle must end after it starts")
+        kind = CycleKind(kind) if kind is not None else infer_cycle_kind(starts_on, ends_on)
+        if kind == CycleKind.year and parent_id is not None:
+            raise DomainError("a year is the top of its cycles and cannot sit inside another cycle")
+        return cls(name=name, starts_on=starts_on, ends_on=ends_on, kind=kind, parent_id=parent_id)
+
+    def contains(self, starts_on: date, ends_on: date) -> bool:
+        return self.starts_on <= starts_on and ends_on <= self.ends_on
+
     def activate(self) -> None:
-        if self.status is not CycleStatus.planning:
-            raise DomainError(f"only a cycle in planning can be activated (this one is {self.status.value})")
+        if self.status != CycleStatus.planning:
+            raise DomainError(f"only a cycle in planning can be activated (this one is {self.status})")
         self._activated()
 
     @event("Activated")
@@ -195,7 +391,7 @@ class Cycle(Aggregate):
         self.status = CycleStatus.active
 
     def close(self) -> None:
-        if self.status is CycleStatus.closed:
+        if self.status == CycleStatus.closed:
             raise DomainError("the cycle is already closed")
         self._closed()
 
@@ -204,10 +400,29 @@ class Cycle(Aggregate):
         self.status = CycleStatus.closed
 
 
-class Objective(Aggregate):
-    """A qualitative goal owned by a person or unit in a cycle, aligned to a parent."""
+# Objectives ------------------------------------------------------------------------------------
 
-    @event("Created")
+class Objective(Aggregate):
+    """A qualitative goal owned by a person or unit in a cycle, aligned to a parent.
+
+    Status: draft -> active -> closed, archived from any of them; a closed objective can be
+    reopened until it is graded (the application also refuses once its cycle is closed).
+    Besides its one parent it may contribute to other objectives with a weight; the objective
+    keeps the ids of its key results so that grading can find them.
+    """
+
+    class Created(Aggregate.Created):
+        title: str
+        description: str
+        owner_kind: OwnerKind
+        owner_id: UUID
+        unit_id: UUID
+        cycle_id: UUID
+        # Objectives recorded before drafts and carry-over existed were active, carried from none.
+        status: ObjectiveStatus = ObjectiveStatus.active
+        carried_from: UUID | None = None
+
+    @event(Created)
     def __init__(
         self,
         title: str,
@@ -216,6 +431,8 @@ class Objective(Aggregate):
         owner_id: UUID,
         unit_id: UUID,
         cycle_id: UUID,
+        status: ObjectiveStatus = ObjectiveStatus.active,
+        carried_from: UUID | None = None,
     ) -> None:
         self.title = title
         self.description = description
@@ -224,21 +441,268 @@ class Objective(Aggregate):
         self.unit_id = unit_id
         self.cycle_id = cycle_id
         self.parent_id: UUID | None = None
-        self.status = ObjectiveStatus.active
+        self.status = ObjectiveStatus(status)
+        self.carried_from = carried_from
+        self.contributions: dict[str, float] = {}  # str(objective id) -> weight
+        self.key_result_ids: list[UUID] = []
+        self.graded = False
+        self.final_score: float | None = None
+        self.grade_reason: str | None = None
+        self.carried_to_cycles: list[UUID] = []
+
+    @classmethod
+    def define(
+        cls,
+        *,
+        title: str,
+        description: str,
+        owner_kind: OwnerKind,
+        owner_id: UUID,
+        unit_id: UUID,
+        cycle_id: UUID,
+        status: ObjectiveStatus = ObjectiveStatus.active,
+        carried_from: UUID | None = None,
+    ) -> Objective:
+        """An objective starts as a draft (to be agreed) or active; never closed or archived."""
+        _require_text(title, "an objective's title")
+        if ObjectiveStatus(status) not in (ObjectiveStatus.draft, ObjectiveStatus.active):
+            raise DomainError("an objective is created as a draft or active")
+        return cls(title=title, description=description, owner_kind=owner_kind, owner_id=owner_id,
+                   unit_id=unit_id, cycle_id=cycle_id, status=ObjectiveStatus(status), carried_from=carried_from)
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in (ObjectiveStatus.draft, ObjectiveStatus.active)
+
+    @property
+    def contributes_to(self) -> dict[UUID, float]:
+        return {UUID(k): w for k, w in self.contributions.items()}
+
+    def _require_open(self, what: str) -> None:
+        if not self.is_open:
+            raise DomainError(f"a {self.status} objective cannot {what}")
+
+    # Alignment and contributions: the graph must stay acyclic (checked by the application).
 
     def align_to(self, parent_id: UUID | None) -> None:
         if parent_id == self.id:
             raise DomainError("an objective cannot align to itself")
         if parent_id != self.parent_id:
+            self._require_open("change its alignment")
+            if parent_id is not None and str(parent_id) in self.contributions:
+                raise DomainError("the objective already contributes to that objective; "
+                                  "remove the contribution before aligning to it, or it would count twice")
             self._aligned(parent_id=parent_id)
 
     @event("Aligned")
     def _aligned(self, parent_id: UUID | None) -> None:
         self.parent_id = parent_id
 
+    def add_contribution(self, to_objective_id: UUID, weight: float = 1.0) -> None:
+        """Contribute to another objective besides the parent. The parent already counts the
+        objective once, so contributing to it too would count it twice. Adding an existing
+        contribution with another weight changes its weight; with the same weight, nothing."""
+        if to_objective_id == self.id:
+            raise DomainError("an objective cannot contribute to itself")
+        if to_objective_id == self.parent_id:
+            raise DomainError("an objective already counts towards its parent and cannot contribute to it twice")
+        if not weight > 0:
+            raise DomainError("a contribution's weight must be positive")
+        self._require_open("change its contributions")
+        if self.contributions.get(str(to_objective_id)) != weight:
+            self._contribution_added(to_objective_id=to_objective_id, weight=float(weight))
+
+    @event("ContributionAdded")
+    def _contribution_added(self, to_objective_id: UUID, weight: float) -> None:
+        self.contributions[str(to_objective_id)] = weight
+
+    def remove_contribution(self, to_objective_id: UUID) -> None:
+        if str(to_objective_id) not in self.contributions:
+            raise DomainError("the objective does not contribute to that objective")
+        self._require_open("change its contributions")
+        self._contribution_removed(to_objective_id=to_objective_id)
+
+    @event("ContributionRemoved")
+    def _contribution_removed(self, to_objective_id: UUID) -> None:
+        del self.contributions[str(to_objective_id)]
+
+    # Content.
+
+    def update(
+        self,
+        *,
+        title: str | None = None,
+        description: str | None = None,
+        owner_kind: OwnerKind | None = None,
+        owner_id: UUID | None = None,
+    ) -> None:
+        """Change what the objective says or who owns it, while it is open. Left out = kept;
+        nothing changed records nothing."""
+        self._require_open("be edited")
+        new = (
+            self.title if title is None else title,
+            self.description if description is None else description,
+            self.owner_kind if owner_kind is None else OwnerKind(owner_kind),
+            self.owner_id if owner_id is None else owner_id,
+        )
+        _require_text(new[0], "an objective's title")
+        if new != (self.title, self.description, self.owner_kind, self.owner_id):
+            self._updated(title=new[0], description=new[1], owner_kind=new[2], owner_id=new[3])
+
+    @event("Updated")
+    def _updated(self, title: str, description: str, owner_kind: OwnerKind, owner_id: UUID) -> None:
+        self.title = title
+        self.description = description
+        self.owner_kind = OwnerKind(owner_kind)
+        self.owner_id = owner_id
+
+    # Key results: the objective knows its own, so that grading and carry-over can find them.
+
+    def attach_key_result(self, key_result_id: UUID) -> None:
+        self._require_open("get key results")
+        if key_result_id not in self.key_result_ids:
+            self._key_result_attached(key_result_id=key_result_id)
+
+    @event("KeyResultAttached")
+    def _key_result_attached(self, key_result_id: UUID) -> None:
+        self.key_result_ids.append(key_result_id)
+
+    def detach_key_result(self, key_result_id: UUID) -> None:
+        """A key result recorded before objectives listed theirs is detached without a trace."""
+        self._require_open("give up key results")
+        if key_result_id in self.key_result_ids:
+            self._key_result_detached(key_result_id=key_result_id)
+
+    @event("KeyResultDetached")
+    def _key_result_detached(self, key_result_id: UUID) -> None:
+        self.key_result_ids.remove(key_result_id)
+
+    # Status.
+
+    def activate(self) -> None:
+        if self.status != ObjectiveStatus.draft:
+            raise DomainError(f"only a draft objective can be activated (this one is {self.status})")
+        self._activated()
+
+    @event("Activated")
+    def _activated(self) -> None:
+        self.status = ObjectiveStatus.active
+
+    def close(self) -> None:
+        """Closing early (done, or given up) before the cycle ends; grading comes with the cycle."""
+        if self.status != ObjectiveStatus.active:
+            raise DomainError(f"only an active objective can be closed (this one is {self.status})")
+        self._closed()
+
+    @event("Closed")
+    def _closed(self) -> None:
+        self.status = ObjectiveStatus.closed
+
+    def reopen(self) -> None:
+        """Undo an early close. A graded objective is final: its score is changed by regrading."""
+        if self.status != ObjectiveStatus.closed:
+            raise DomainError(f"only a closed objective can be reopened (this one is {self.status})")
+        if self.graded:
+            raise DomainError("a graded objective cannot be reopened; regrade it instead")
+        self._reopened()
+
+    @event("Reopened")
+    def _reopened(self) -> None:
+        self.status = ObjectiveStatus.active
+
+    def archive(self) -> None:
+        """Put away, from any status; archived objectives are left out of grading and lints."""
+        if self.status == ObjectiveStatus.archived:
+            raise DomainError("the objective is already archived")
+        self._archived()
+
+    @event("Archived")
+    def _archived(self) -> None:
+        self.status = ObjectiveStatus.archived
+
+    # Grading, when the cycle closes.
+
+    def grade(self, final_score: float | None, reason: str) -> None:
+        """Keep the score the objective ended its cycle with; it is closed from then on."""
+        if self.status == ObjectiveStatus.archived:
+            raise DomainError("an archived objective is not graded")
+        if self.graded:
+            raise DomainError("the objective is already graded; regrade it to change the score")
+        _require_score(final_score, allow_none=True)
+        self._graded(final_score=final_score, reason=reason)
+
+    @event("Graded")
+    def _graded(self, final_score: float | None, reason: str) -> None:
+        self.status = ObjectiveStatus.closed
+        self.graded = True
+        self.final_score = final_score
+        self.grade_reason = reason
+
+    def regrade(self, final_score: float, reason: str) -> None:
+        """Change a final score after the fact, always saying why."""
+        if not self.graded or self.status != ObjectiveStatus.closed:
+            raise DomainError("only a closed, graded objective can be regraded")
+        _require_text(reason, "the reason for a regrade")
+        _require_score(final_score, allow_none=False)
+        self._regraded(final_score=final_score, reason=reason)
+
+    @event("Regraded")
+    def _regraded(self, final_score: float, reason: str) -> None:
+        self.final_score = final_score
+        self.grade_reason = reason
+
+    # Carry-over into a later cycle.
+
+    def record_carry_over(self, to_objective_id: UUID, to_cycle_id: UUID) -> None:
+        """Only a graded objective is carried over, and into each later cycle once."""
+        if not self.graded:
+            raise DomainError("only a closed, graded objective can be carried over")
+        if to_cycle_id in self.carried_to_cycles:
+            raise DomainError("the objective was already carried over into that cycle")
+        self._carried_over(to_objective_id=to_objective_id, to_cycle_id=to_cycle_id)
+
+    @event("CarriedOver")
+    def _carried_over(self, to_objective_id: UUID, to_cycle_id: UUID) -> None:
+        self.carried_to_cycles.append(to_cycle_id)
+
+
+def _require_score(score: float | None, *, allow_none: bool) -> None:
+    if score is None:
+        if not allow_none:
+            raise DomainError("a final score is needed")
+        return
+    if not 0.0 <= score <= 1.0:
+        raise DomainError("a final score is from 0.0 to 1.0")
+
+
+# Key results -----------------------------------------------------------------------------------
+
+class CheckIn(NamedTuple):
+    """An effective check-in: the one recorded at `version`, with a correction's values if it
+    was corrected."""
+
+    version: int
+    valid_on: date
+    value: float
+    confidence: int | None
+
+
+class Unchanged(enum.Enum):
+    token = "unchanged"
+
+
+UNCHANGED = Unchanged.token
+"""For `KeyResult.revise`: leave this field as it is."""
+
 
 class KeyResult(Aggregate):
-    """A measurable result of one objective; each check-in appends `KeyResultProgressed`."""
+    """A measurable result of one objective; each check-in appends `KeyResultProgressed`.
+
+    A correction (`CheckInCorrected`) names the version of the check-in it corrects; both stay
+    in the history. The current value is that of the effective check-in with the latest
+    `valid_on` (for the same day, the one recorded first as a check-in comes first: a
+    correction fixes an entry in place, it does not make it newer).
+    """
 
     @event("Created")
     def __init__(
@@ -270,6 +734,9 @@ class KeyResult(Aggregate):
         self.current_valid_on: date | None = None
         self.confidence: int | None = None
         self.check_in_count = 0
+        self.correction_count = 0
+        # One entry per check-in (Progressed), in recorded order, with corrections applied.
+        self._check_ins: list[dict[str, Any]] = []
 
     @classmethod
     def define(
@@ -291,30 +758,362 @@ class KeyResult(Aggregate):
         if weight <= 0:
             raise DomainError("a key result's weight must be positive")
         milestones = milestones or []
-        Measure(kind, start, target, low, high, tuple(float(m["weight"]) for m in milestones)).validate()  # type: ignore[arg-type]
+        Measure(kind, start, target, low, high, _milestone_weights(milestones)).validate()
         return cls(objective_id, title, kind, start, target, low, high, milestones, unit, weight, owner_id)
 
     @property
     def measure(self) -> Measure:
         return Measure(self.kind, self.start, self.target, self.low, self.high,
-                       tuple(float(m["weight"]) for m in self.milestones))  # type: ignore[arg-type]
+                       _milestone_weights(self.milestones))
 
     @property
     def score(self) -> float | None:
         return self.measure.score(self.current)
 
-    def check_in(self, *, value: float, confidence: int | None, note: str, valid_on: date) -> None:
+    @property
+    def effective_check_ins(self) -> list[CheckIn]:
+        """Every check-in as it stands after corrections, by valid date (then recorded order)."""
+        entries = [CheckIn(c["version"], c["valid_on"], c["value"], c["confidence"]) for c in self._check_ins]
+        return sorted(entries, key=lambda c: (c.valid_on, c.version))
+
+    def forecast(self, cycle_ends_on: date) -> tuple[float | None, float | None]:
+        """The projected value and score at the end of the cycle, from the check-in trend."""
+        return forecast(self.measure, self.effective_check_ins, cycle_ends_on)
+
+    # Check-ins.
+
+    def _validate_check_in(self, value: float, confidence: int | None) -> None:
         self.measure.validate_value(value)
         if confidence is not None and not 0 <= confidence <= 10:
             raise DomainError("confidence is from 0 to 10")
+
+    def check_in(self, *, value: float, confidence: int | None, note: str, valid_on: date) -> None:
+        self._validate_check_in(value, confidence)
         self._progressed(value=value, confidence=confidence, note=note, valid_on=valid_on)
 
     @event("Progressed")
     def _progressed(self, value: float, confidence: int | None, note: str, valid_on: date) -> None:
-        # The current value is the one for the latest date; a check-in for an earlier date is
-        # history (it is kept in the log) but does not move the key result back.
-        if self.current_valid_on is None or valid_on >= self.current_valid_on:
-            self.current = value
-            self.current_valid_on = valid_on
-            self.confidence = confidence
+        # A check-in for an earlier date is history (kept, and used by the forecast) but does
+        # not move the key result back: the current value is the one for the latest date.
+        self._check_ins.append({"version": self.version + 1, "valid_on": valid_on, "value": value,
+                                "confidence": confidence, "note": note, "corrected_by": None})
         self.check_in_count += 1
+        self._recompute_current()
+
+    def correct_check_in(
+        self, *, corrects_version: int, value: float, confidence: int | None, note: str, valid_on: date
+    ) -> None:
+        """Replace what an earlier check-in said (its value, confidence, note and date), keeping
+        both in the history. A check-in can be corrected again: the latest correction counts."""
+        if not any(c["version"] == corrects_version for c in self._check_ins):
+            raise DomainError(f"version {corrects_version} of this key result is not a check-in")
+        self._validate_check_in(value, confidence)
+        self._check_in_corrected(corrects_version=corrects_version, value=value, confidence=confidence,
+                                 note=note, valid_on=valid_on)
+
+    @event("CheckInCorrected")
+    def _check_in_corrected(
+        self, corrects_version: int, value: float, confidence: int | None, note: str, valid_on: date
+    ) -> None:
+        for c in self._check_ins:
+            if c["version"] == corrects_version:
+                c.update(valid_on=valid_on, value=value, confidence=confidence, note=note,
+                         corrected_by=self.version + 1)
+        self.correction_count += 1
+        self._recompute_current()
+
+    def _recompute_current(self) -> None:
+        effective = self.effective_check_ins
+        latest = effective[-1] if effective else None
+        self.current = latest.value if latest else None
+        self.current_valid_on = latest.valid_on if latest else None
+        self.confidence = latest.confidence if latest else None
+
+    # Changes to the key result itself.
+
+    def revise(
+        self,
+        *,
+        title: str | Unchanged = UNCHANGED,
+        unit: str | Unchanged = UNCHANGED,
+        weight: float | Unchanged = UNCHANGED,
+        owner_id: UUID | None | Unchanged = UNCHANGED,
+        start: float | None | Unchanged = UNCHANGED,
+        target: float | None | Unchanged = UNCHANGED,
+        low: float | None | Unchanged = UNCHANGED,
+        high: float | None | Unchanged = UNCHANGED,
+        milestones: list[dict[str, object]] | Unchanged = UNCHANGED,
+    ) -> None:
+        """Change what the key result measures or who owns it; its kind stays. The new measure
+        passes the same rules as a new one, and every check-in so far must still be a valid
+        value of it (a milestones key result cannot lose milestones already reached)."""
+
+        def pick(new: Any, old: Any) -> Any:
+            return old if new is UNCHANGED else new
+
+        revised = {
+            "title": pick(title, self.title), "unit": pick(unit, self.unit),
+            "weight": pick(weight, self.weight), "owner_id": pick(owner_id, self.owner_id),
+            "start": pick(start, self.start), "target": pick(target, self.target),
+            "low": pick(low, self.low), "high": pick(high, self.high),
+            "milestones": list(pick(milestones, self.milestones)),
+        }
+        current = {"title": self.title, "unit": self.unit, "weight": self.weight, "owner_id": self.owner_id,
+                   "start": self.start, "target": self.target, "low": self.low, "high": self.high,
+                   "milestones": list(self.milestones)}
+        if revised == current:
+            return
+        _require_text(revised["title"], "a key result's title")
+        if not revised["weight"] > 0:
+            raise DomainError("a key result's weight must be positive")
+        measure = Measure(self.kind, revised["start"], revised["target"], revised["low"], revised["high"],
+                          _milestone_weights(revised["milestones"]))
+        measure.validate()
+        for c in self._check_ins:
+            try:
+                measure.validate_value(c["value"])
+            except DomainError as e:
+                raise DomainError(f"the check-in at version {c['version']} would no longer be valid: {e}") from None
+        self._revised(**revised)
+
+    @event("Revised")
+    def _revised(
+        self,
+        title: str,
+        unit: str,
+        weight: float,
+        owner_id: UUID | None,
+        start: float | None,
+        target: float | None,
+        low: float | None,
+        high: float | None,
+        milestones: list[dict[str, object]],
+    ) -> None:
+        self.title = title
+        self.unit = unit
+        self.weight = weight
+        self.owner_id = owner_id
+        self.start = start
+        self.target = target
+        self.low = low
+        self.high = high
+        self.milestones = milestones
+
+    def move_to(self, objective_id: UUID) -> None:
+        """Belong to another objective (the application checks it is open and in the same cycle)."""
+        if objective_id == self.objective_id:
+            raise DomainError("the key result already belongs to that objective")
+        self._moved_to_objective(objective_id=objective_id)
+
+    @event("MovedToObjective")
+    def _moved_to_objective(self, objective_id: UUID) -> None:
+        self.objective_id = objective_id
+
+
+# Scores and forecasts --------------------------------------------------------------------------
+
+class Scored(Protocol):
+    @property
+    def score(self) -> float | None: ...
+
+    @property
+    def weight(self) -> float: ...
+
+
+def objective_score(key_results: Iterable[Scored]) -> float | None:
+    """The weighted mean of the key results' scores by their weights; unscored ones left out."""
+    return weighted_mean([(k.score, k.weight) for k in key_results])
+
+
+def forecast(measure: Measure, check_ins: Sequence[CheckIn], ends_on: date) -> tuple[float | None, float | None]:
+    """The projected value at `ends_on` and its score.
+
+    The least-squares line through the check-ins (day ordinal, value) evaluated at `ends_on`.
+    With fewer than two distinct days there is no trend, and the projection is the latest value
+    (latest day; for the same day, the later recorded). No check-ins: (None, None). The score
+    is the measure's, clamped to 0.0-1.0 like any score.
+    """
+    if not check_ins:
+        return None, None
+    if len({c.valid_on for c in check_ins}) < 2:
+        projected = max(check_ins, key=lambda c: (c.valid_on, c.version)).value
+    else:
+        xs = [float(c.valid_on.toordinal()) for c in check_ins]
+        ys = [float(c.value) for c in check_ins]
+        n = len(xs)
+        x_mean = sum(xs) / n
+        y_mean = sum(ys) / n
+        sxx = sum((x - x_mean) ** 2 for x in xs)
+        sxy = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True))
+        slope = sxy / sxx
+        projected = y_mean + slope * (ends_on.toordinal() - x_mean)
+    score = measure.score(projected)
+    return projected, None if score is None else _clamp(score)
+
+
+# Coaching lints --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CoachingWarning:
+    """A common mistake the seed material names, on an owner, an objective or a key result.
+    A warning, never a refusal: the team decides."""
+
+    code: str
+    message: str
+    subject_kind: str  # "owner", "objective" or "key_result"
+    subject_id: UUID
+
+
+class ObjectiveFacts(Protocol):
+    """What the lints read of an objective: an `Objective`, or a read-model row as an object."""
+
+    @property
+    def id(self) -> UUID: ...
+    @property
+    def title(self) -> str: ...
+    @property
+    def owner_id(self) -> UUID | None: ...
+    @property
+    def cycle_id(self) -> UUID: ...
+    @property
+    def status(self) -> str: ...
+
+
+class KeyResultFacts(Protocol):
+    @property
+    def id(self) -> UUID: ...
+    @property
+    def objective_id(self) -> UUID: ...
+    @property
+    def title(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+
+
+MAX_OBJECTIVES_PER_OWNER = 5
+MIN_KEY_RESULTS = 3
+MAX_KEY_RESULTS = 5
+
+# Verbs that name something a team does rather than a change it causes ("Launch new website",
+# "Post 5 times a week"). Outcome verbs (increase, reduce, grow, achieve, reach...) are not here.
+ACTIVITY_VERBS = frozenset({
+    "launch", "post", "create", "build", "write", "publish", "hold", "run", "implement", "complete",
+    "hire", "attend", "send", "organise", "organize", "host", "ship", "develop", "design", "deliver",
+    "conduct", "finish", "introduce", "roll", "set", "prepare", "draft", "plan", "schedule",
+    "migrate", "redesign", "rebuild", "release", "start", "begin", "call", "meet", "visit",
+    "interview", "blog", "tweet", "email", "present", "perform", "execute", "install", "deploy",
+})
+# Verbs that keep a level rather than change it ("Maintain NPS above 50").
+MAINTENANCE_VERBS = frozenset({"maintain", "keep", "stay", "sustain", "remain"})
+_NUMBER_WORDS = r"one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|fifty|hundred"
+# The activity counted ("Post 5 times", "Publish 15 guest posts", "Hire two engineers") or given a
+# rhythm ("... a week", "weekly"): output, not outcome.
+_COUNTED_ACTIVITY = re.compile(rf"^\w+\s+(\d|(?:{_NUMBER_WORDS})\b)", re.IGNORECASE)
+_RHYTHM = re.compile(r"\b(\d+|once|twice)\s+(times?\s+)?(a|per|each|every)\s+(day|week|month)\b"
+                     r"|\b(daily|weekly|monthly)\b", re.IGNORECASE)
+_HAS_NUMBER = re.compile(r"\d")
+
+
+def _first_word(title: str) -> str:
+    words = re.findall(r"[a-z]+", title.lower())
+    return words[0] if words else ""
+
+
+def reads_as_activity(title: str, kind: str) -> bool:
+    """A key result is a task when it starts with an activity verb and either has no
+    measurable target (done/not-done or a list of milestones) or counts the activity itself
+    ("Post 5 times a week"). "Increase eNPS from 45 to 65" starts with an outcome verb, and
+    "Launch Spotify in 15 new markets" measured as increase_to is an outcome with a target."""
+    if _first_word(title) not in ACTIVITY_VERBS:
+        return False
+    if KeyResultKind(kind) in (KeyResultKind.done, KeyResultKind.milestones):
+        return True
+    return bool(_COUNTED_ACTIVITY.match(title.strip()) or _RHYTHM.search(title))
+
+
+def only_maintains_a_number(title: str) -> bool:
+    """"Maintain NPS above 50", "Keep uptime at 99.9%": a level to hold, which is a KPI. "Keep
+    our customers delighted" names no number and stays an objective."""
+    return _first_word(title) in MAINTENANCE_VERBS and bool(_HAS_NUMBER.search(title))
+
+
+def lint_key_result(kr: KeyResultFacts) -> list[CoachingWarning]:
+    warnings = []
+    if reads_as_activity(kr.title, kr.kind):
+        warnings.append(CoachingWarning(
+            "key_result_is_a_task",
+            f"'{kr.title}' reads as an activity, not an outcome: say what it changes and by how much "
+            "(\"Increase LinkedIn engagement by 40%\" rather than \"Post 5 times a week\").",
+            "key_result", kr.id))
+    if KeyResultKind(kr.kind) == KeyResultKind.done:
+        warnings.append(CoachingWarning(
+            "done_only_key_result",
+            f"'{kr.title}' is only done or not done: did it improve anything? Measure the result it should "
+            "bring (\"Increase conversion rate by 15% after launching the new website\").",
+            "key_result", kr.id))
+    return warnings
+
+
+def lint_objective(
+    objective: ObjectiveFacts, key_results: Sequence[KeyResultFacts], people_who_left: Collection[UUID] = ()
+) -> list[CoachingWarning]:
+    """The objective's own warnings (its key results' are `lint_key_result`'s)."""
+    warnings = []
+    if objective.owner_id is None or objective.owner_id in people_who_left:
+        why = "has no owner" if objective.owner_id is None else "is owned by someone who has left"
+        warnings.append(CoachingWarning(
+            "objective_without_owner",
+            f"'{objective.title}' {why}: every objective needs one directly responsible owner.",
+            "objective", objective.id))
+    if only_maintains_a_number(objective.title):
+        warnings.append(CoachingWarning(
+            "objective_is_a_kpi",
+            f"'{objective.title}' only maintains a number: track it as a KPI with a threshold rule, and keep "
+            "objectives for the change you want.",
+            "objective", objective.id))
+    n = len(key_results)
+    if n < MIN_KEY_RESULTS:
+        warnings.append(CoachingWarning(
+            "too_few_key_results",
+            f"'{objective.title}' has {n} key result{'s' if n != 1 else ''}; "
+            f"{MIN_KEY_RESULTS}-{MAX_KEY_RESULTS} show whether it was achieved.",
+            "objective", objective.id))
+    elif n > MAX_KEY_RESULTS:
+        warnings.append(CoachingWarning(
+            "too_many_key_results",
+            f"'{objective.title}' has {n} key results; keep to {MIN_KEY_RESULTS}-{MAX_KEY_RESULTS} that matter most.",
+            "objective", objective.id))
+    return warnings
+
+
+def coaching_warnings(
+    objectives: Iterable[ObjectiveFacts],
+    key_results: Iterable[KeyResultFacts],
+    people_who_left: Collection[UUID] = (),
+) -> list[CoachingWarning]:
+    """Every warning for these objectives and key results: per owner and cycle, per objective,
+    per key result. Archived objectives (and their key results) are left out; key results of
+    objectives not given are ignored."""
+    live = [o for o in objectives if o.status != ObjectiveStatus.archived]
+    by_objective: dict[UUID, list[KeyResultFacts]] = {o.id: [] for o in live}
+    for kr in key_results:
+        if kr.objective_id in by_objective:
+            by_objective[kr.objective_id].append(kr)
+    warnings: list[CoachingWarning] = []
+    per_owner: dict[tuple[UUID, UUID], int] = {}
+    for o in live:
+        if o.owner_id is not None:
+            per_owner[(o.owner_id, o.cycle_id)] = per_owner.get((o.owner_id, o.cycle_id), 0) + 1
+    for (owner_id, _cycle_id), count in per_owner.items():
+        if count > MAX_OBJECTIVES_PER_OWNER:
+            warnings.append(CoachingWarning(
+                "too_many_objectives",
+                f"this owner has {count} objectives in one cycle; if everything is important, nothing is: "
+                f"keep to {MAX_OBJECTIVES_PER_OWNER} at most.",
+                "owner", owner_id))
+    for o in live:
+        krs = by_objective[o.id]
+        warnings.extend(lint_objective(o, krs, people_who_left))
+        for kr in krs:
+            warnings.extend(lint_key_result(kr))
+    return warnings
