@@ -12,7 +12,9 @@ type name, aggregate id, version, JSON state) without importing the other servic
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
@@ -33,6 +35,7 @@ from services.common.eventstore import standard_transcoder, topic_event_type
 log = logging.getLogger(__name__)
 
 Statement = tuple[str, Sequence[Any]]
+_CREATED_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS \{schema\}\.(\w+)")
 
 
 class ReadModel(PostgresTrackingRecorder):
@@ -40,9 +43,15 @@ class ReadModel(PostgresTrackingRecorder):
 
     Subclasses list their DDL in `tables` (with `{schema}` where the schema goes) and write
     through `apply`, which commits the statements together with the tracking position.
+
+    A read model is rebuilt from the log whenever its shape changes: the DDL (and `revision`,
+    to bump by hand when only the projection's logic changed) is fingerprinted, and a
+    fingerprint other than the stored one drops the tables and the tracking positions, so the
+    runner replays from the start. Events are never touched.
     """
 
     tables: Sequence[str] = ()
+    revision: int = 1
 
     def __init__(self, datastore: Any, **kwargs: Any) -> None:
         super().__init__(datastore, **kwargs)
@@ -55,12 +64,38 @@ class ReadModel(PostgresTrackingRecorder):
     def schema(self) -> str:
         return self.datastore.schema
 
+    @property
+    def table_names(self) -> list[str]:
+        return [m.group(1) for ddl in self.tables if (m := _CREATED_TABLE.search(ddl))]
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(("\n".join(self.tables) + f"\nrevision {self.revision}").encode()).hexdigest()
+
     def _create_table(self, curs: Any) -> None:
         """Runners that share a read model (the gateway's follows two logs) and the API's own
         start-up create these tables at the same moment; concurrent CREATE ... IF NOT EXISTS can
         still collide in the catalogue, so they take turns."""
         curs.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{self.schema}.{self.tracking_table_name}",))
+        fingerprints = SQL("{}.read_model_fingerprints").format(Identifier(self.schema))
+        curs.execute(SQL("CREATE TABLE IF NOT EXISTS {} (tracking_table text PRIMARY KEY, fingerprint text NOT NULL)")
+                     .format(fingerprints))
+        curs.execute(SQL("SELECT fingerprint FROM {} WHERE tracking_table = %s").format(fingerprints),
+                     (self.tracking_table_name,))
+        stored = curs.fetchone()
+        if stored is not None and stored["fingerprint"] != self.fingerprint:
+            log.warning("read model %s.%s changed shape: rebuilding it from the log",
+                        self.schema, self.tracking_table_name)
+            for table in self.table_names:
+                curs.execute(SQL("DROP TABLE IF EXISTS {}.{} CASCADE").format(Identifier(self.schema), Identifier(table)))
+            curs.execute("SELECT to_regclass(%s) AS t", (f"{self.schema}.{self.tracking_table_name}",))
+            if curs.fetchone()["t"] is not None:
+                curs.execute(SQL("DELETE FROM {}.{} WHERE application_name <> %s").format(
+                    Identifier(self.schema), Identifier(self.tracking_table_name)), (self.table_migration_identifier,))
         super()._create_table(curs)
+        curs.execute(SQL("INSERT INTO {} VALUES (%s, %s) ON CONFLICT (tracking_table) DO UPDATE "
+                         "SET fingerprint = EXCLUDED.fingerprint").format(fingerprints),
+                     (self.tracking_table_name, self.fingerprint))
 
     def apply(self, tracking: Tracking, statements: Iterable[Statement] = ()) -> None:
         """Run the statements and record the tracking position in one transaction."""
