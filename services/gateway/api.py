@@ -88,7 +88,9 @@ class Objective:
     parent_id: strawberry.ID | None
     score: float | None = strawberry.field(description="Weighted mean of its own key results' scores.")
     rolled_up_score: float | None = strawberry.field(
-        description="Weighted mean over its key results and the objectives aligned to it (weight 1 each).")
+        description="Weighted mean over its key results (their weights), the objectives aligned to it "
+                    "(weight 1 each) and those contributing to it (their contribution weights).")
+    final_score: float | None = strawberry.field(description="The grade given when its cycle closed.")
     band: str | None = strawberry.field(description="Band of `score`: red < 0.4 <= yellow < 0.7 <= green.")
     uuid: strawberry.Private[UUID]
 
@@ -100,7 +102,8 @@ class Objective:
                    status=o["status"], owner_kind=o["owner_kind"], owner_id=strawberry.ID(str(o["owner_id"])),
                    unit_id=strawberry.ID(str(o["unit_id"])), cycle_id=strawberry.ID(str(o["cycle_id"])),
                    parent_id=strawberry.ID(str(o["parent_id"])) if o["parent_id"] else None,
-                   score=score, rolled_up_score=alignment.rolled_up[oid], band=band(score), uuid=oid)
+                   score=score, rolled_up_score=alignment.rolled_up[oid], band=band(score),
+                   final_score=o["final_score"], uuid=oid)
 
     @strawberry.field
     def key_results(self, info: GraphInfo) -> list[KeyResult]:

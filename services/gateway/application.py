@@ -25,12 +25,18 @@ WITH RECURSIVE tree(id) AS (
     SELECT u.id FROM units u JOIN tree t ON u.parent_id = t.id)
 SELECT u.* FROM units u JOIN tree USING (id) ORDER BY u.name, u.id"""
 
+# The subtree's objectives and, transitively, every objective aligned or contributing to one
+# of them, wherever its unit is: their scores roll up into the subtree's.
 OBJECTIVES_SQL = """
-WITH RECURSIVE aligned(id) AS (
+WITH RECURSIVE edges(child, parent) AS (
+    SELECT id, parent_id FROM objectives WHERE parent_id IS NOT NULL
+    UNION ALL
+    SELECT objective_id, to_objective_id FROM contributions),
+related(id) AS (
     SELECT id FROM objectives WHERE unit_id = ANY($1::uuid[])
     UNION
-    SELECT o.id FROM objectives o JOIN aligned a ON o.parent_id = a.id)
-SELECT o.* FROM objectives o JOIN aligned USING (id) ORDER BY o.created_at, o.id"""
+    SELECT e.child FROM edges e JOIN related r ON e.parent = r.id)
+SELECT o.* FROM objectives o JOIN related USING (id) ORDER BY o.created_at, o.id"""
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class Alignment:
         self.objectives_of_unit: dict[UUID, list[UUID]] = {}
         self.aligned: dict[UUID, list[UUID]] = {}
         self.key_results: dict[UUID, list[KeyResult]] = {}
+        self.contributes_to: dict[UUID, dict[UUID, float]] = {}
         self.kpis_of_unit: dict[UUID, list[asyncpg.Record]] = {}
         self.rules: dict[UUID, list[asyncpg.Record]] = {}
         self.scores: dict[UUID, float | None] = {}
@@ -92,17 +99,19 @@ class Alignment:
             key_results = await conn.fetch(
                 "SELECT * FROM key_results WHERE objective_id = ANY($1::uuid[]) ORDER BY created_at, id",
                 objective_ids)
+            contributions = await conn.fetch(
+                "SELECT * FROM contributions WHERE objective_id = ANY($1::uuid[])", objective_ids)
             kpis = await conn.fetch(
                 "SELECT * FROM kpis WHERE unit_id = ANY($1::uuid[]) ORDER BY name, id", unit_ids)
             rules = await conn.fetch(
                 "SELECT * FROM kpi_rules WHERE kpi_id = ANY($1::uuid[]) ORDER BY ordinal",
                 [k["id"] for k in kpis])
-        self.queries += 5
-        self._merge(units, objectives, key_results, kpis, rules)
+        self.queries += 6
+        self._merge(units, objectives, key_results, contributions, kpis, rules)
 
     def _merge(self, units: list[asyncpg.Record], objectives: list[asyncpg.Record],
-               key_results: list[asyncpg.Record], kpis: list[asyncpg.Record],
-               rules: list[asyncpg.Record]) -> None:
+               key_results: list[asyncpg.Record], contributions: list[asyncpg.Record],
+               kpis: list[asyncpg.Record], rules: list[asyncpg.Record]) -> None:
         """Add a loaded subtree. Every list is complete for the parents it covers, so each
         parent's entry is replaced, never appended to twice."""
         loaded = {u["id"] for u in units}
@@ -125,6 +134,8 @@ class Alignment:
                 self.aligned[o["parent_id"]].append(o["id"])
         for kr in key_results:
             self.key_results[kr["objective_id"]].append(KeyResult(kr))
+        for c in contributions:
+            self.contributes_to.setdefault(c["objective_id"], {})[c["to_objective_id"]] = c["weight"]
         for k in kpis:
             self.kpis_of_unit[k["unit_id"]].append(k)
             self.rules[k["id"]] = []
@@ -134,7 +145,8 @@ class Alignment:
         self._score()
 
     def _score(self) -> None:
-        nodes = {oid: ObjectiveNode(o["parent_id"], [(kr.score, kr.row["weight"]) for kr in self.key_results[oid]])
+        nodes = {oid: ObjectiveNode(o["parent_id"], [(kr.score, kr.row["weight"]) for kr in self.key_results[oid]],
+                                    self.contributes_to.get(oid, {}))
                  for oid, o in self.objectives.items()}
         self.scores = {oid: n.score for oid, n in nodes.items()}
         self.rolled_up = rolled_up_scores(nodes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from uuid import UUID
 
 RED_BELOW = 0.4
@@ -79,11 +80,38 @@ class Measure:
 
 
 @dataclass(frozen=True)
+class CheckIn:
+    """A check-in as the log tells it: a KeyResultProgressed (corrects None) or a
+    KeyResultCheckInCorrected naming the version of the check-in it corrects."""
+
+    version: int
+    valid_on: date
+    value: float
+    confidence: int | None
+    corrects: int | None = None
+
+
+def current_check_in(check_ins: Iterable[CheckIn]) -> CheckIn | None:
+    """The check-in that gives a key result its current value: each check-in as last corrected
+    (a correction fixes it in place), then the one with the latest valid_on (ties: the later
+    check-in). An earlier day's check-in is history."""
+    effective: dict[int, CheckIn] = {}
+    for c in sorted(check_ins, key=lambda c: c.version):
+        if c.corrects is None:
+            effective[c.version] = c
+        elif c.corrects in effective:
+            effective[c.corrects] = CheckIn(c.corrects, c.valid_on, c.value, c.confidence)
+    return max(effective.values(), key=lambda c: (c.valid_on, c.version), default=None)
+
+
+@dataclass(frozen=True)
 class ObjectiveNode:
-    """What the roll-up needs of one objective: whom it aligns to and its KRs' (score, weight)."""
+    """What the roll-up needs of one objective: whom it aligns to, what it contributes to (with
+    weights) and its KRs' (score, weight)."""
 
     parent_id: UUID | None
     key_results: Sequence[Weighted] = field(default_factory=tuple)
+    contributes_to: Mapping[UUID, float] = field(default_factory=dict)
 
     @property
     def score(self) -> float | None:
@@ -91,17 +119,20 @@ class ObjectiveNode:
 
 
 def rolled_up_scores(objectives: Mapping[UUID, ObjectiveNode]) -> dict[UUID, float | None]:
-    """Each objective's rolledUpScore: the weighted mean over its own KRs (their weights) and the
-    objectives aligned to it (weight 1 each, with their own rolledUpScore), leaving out those
-    with no score.
+    """Each objective's rolledUpScore: the weighted mean over its own KRs (their weights), the
+    objectives aligned to it (weight 1 each) and those contributing to it (their contribution
+    weights), each with its own rolledUpScore, leaving out those with no score.
 
     Objectives whose parent is not in `objectives` are roots here. An alignment loop (which the
     goals service refuses) cannot recurse forever: the edge that closes it counts as no score.
     """
-    children: dict[UUID, list[UUID]] = {}
+    children: dict[UUID, list[tuple[UUID, float]]] = {}
     for oid, node in objectives.items():
         if node.parent_id is not None and node.parent_id in objectives:
-            children.setdefault(node.parent_id, []).append(oid)
+            children.setdefault(node.parent_id, []).append((oid, 1.0))
+        for target, weight in node.contributes_to.items():
+            if target in objectives:
+                children.setdefault(target, []).append((oid, weight))
     done: dict[UUID, float | None] = {}
     visiting: set[UUID] = set()
 
@@ -111,7 +142,7 @@ def rolled_up_scores(objectives: Mapping[UUID, ObjectiveNode]) -> dict[UUID, flo
         if oid in visiting:
             return None
         visiting.add(oid)
-        pairs = [*objectives[oid].key_results, *((visit(c), 1.0) for c in children.get(oid, ()))]
+        pairs = [*objectives[oid].key_results, *((visit(c), w) for c, w in children.get(oid, ()))]
         visiting.discard(oid)
         done[oid] = weighted_mean(pairs)
         return done[oid]

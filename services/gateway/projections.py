@@ -17,7 +17,7 @@ from eventsourcing.persistence import Tracking
 from eventsourcing.projection import Projection
 
 from services.common.projections import ContractEvent, ProjectionSpec, ReadModel, Statement, followed_log
-from services.gateway.domain import kpi_state, rule_state, violates
+from services.gateway.domain import CheckIn, current_check_in, kpi_state, rule_state, violates
 
 
 class AlignmentReadModel(ReadModel):
@@ -26,11 +26,22 @@ class AlignmentReadModel(ReadModel):
             id uuid PRIMARY KEY, name text NOT NULL, kind text NOT NULL, parent_id uuid,
             created_at timestamptz NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS units_parent ON {schema}.units (parent_id)",
+        """CREATE TABLE IF NOT EXISTS {schema}.people (
+            id uuid PRIMARY KEY, name text NOT NULL, email text NOT NULL, unit_id uuid NOT NULL,
+            manager_id uuid, left_on date, created_at timestamptz NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS people_unit ON {schema}.people (unit_id)",
+        """CREATE TABLE IF NOT EXISTS {schema}.cycles (
+            id uuid PRIMARY KEY, name text NOT NULL, kind text NOT NULL, parent_id uuid,
+            starts_on date NOT NULL, ends_on date NOT NULL, status text NOT NULL)""",
         """CREATE TABLE IF NOT EXISTS {schema}.objectives (
             id uuid PRIMARY KEY, title text NOT NULL, description text NOT NULL,
             status text NOT NULL, owner_kind text NOT NULL, owner_id uuid NOT NULL,
             unit_id uuid NOT NULL, cycle_id uuid NOT NULL, parent_id uuid,
-            created_at timestamptz NOT NULL)""",
+            final_score double precision, carried_from uuid, created_at timestamptz NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS {schema}.contributions (
+            objective_id uuid NOT NULL, to_objective_id uuid NOT NULL, weight double precision NOT NULL,
+            PRIMARY KEY (objective_id, to_objective_id))""",
+        "CREATE INDEX IF NOT EXISTS contributions_to ON {schema}.contributions (to_objective_id)",
         "CREATE INDEX IF NOT EXISTS objectives_unit ON {schema}.objectives (unit_id)",
         "CREATE INDEX IF NOT EXISTS objectives_parent ON {schema}.objectives (parent_id)",
         """CREATE TABLE IF NOT EXISTS {schema}.key_results (
@@ -41,6 +52,11 @@ class AlignmentReadModel(ReadModel):
             weight double precision NOT NULL, current double precision, current_valid_on date,
             confidence smallint, created_at timestamptz NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS key_results_objective ON {schema}.key_results (objective_id)",
+        """CREATE TABLE IF NOT EXISTS {schema}.check_ins (
+            key_result_id uuid NOT NULL, version bigint NOT NULL, valid_on date NOT NULL,
+            value double precision NOT NULL, confidence smallint, note text NOT NULL,
+            corrects_version bigint, recorded_at timestamptz NOT NULL, actor text NOT NULL,
+            PRIMARY KEY (key_result_id, version))""",
         """CREATE TABLE IF NOT EXISTS {schema}.kpis (
             id uuid PRIMARY KEY, name text NOT NULL, description text NOT NULL,
             unit text NOT NULL, owner_id uuid, unit_id uuid, direction text NOT NULL,
@@ -55,6 +71,9 @@ class AlignmentReadModel(ReadModel):
             recovery double precision, violations integer NOT NULL, breached boolean NOT NULL,
             state text NOT NULL, PRIMARY KEY (kpi_id, rule_id))""",
     )
+
+
+Handler = Callable[["AlignmentProjection", ContractEvent, dict[str, Any]], list[Statement]]
 
 
 class AlignmentProjection(Projection[AlignmentReadModel]):
@@ -80,15 +99,52 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
         return [("UPDATE {schema}.units SET parent_id = %s WHERE id = %s",
                  (d.get("parent_id"), e.originator_id))]
 
+    def person_joined(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [("INSERT INTO {schema}.people VALUES (%s, %s, %s, %s, %s, NULL, %s) ON CONFLICT (id) DO NOTHING",
+                 (e.originator_id, d["name"], d.get("email", ""), d["unit_id"], d.get("manager_id"), e.timestamp))]
+
+    def person_moved(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [("UPDATE {schema}.people SET unit_id = %s WHERE id = %s", (d["unit_id"], e.originator_id))]
+
+    def person_manager_changed(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [("UPDATE {schema}.people SET manager_id = %s WHERE id = %s", (d.get("manager_id"), e.originator_id))]
+
+    def person_left(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [("UPDATE {schema}.people SET left_on = %s WHERE id = %s", (d["left_on"], e.originator_id))]
+
+    def cycle_created(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [("INSERT INTO {schema}.cycles VALUES (%s, %s, %s, %s, %s, %s, 'planning') ON CONFLICT (id) DO NOTHING",
+                 (e.originator_id, d["name"], str(d.get("kind") or "quarter"), d.get("parent_id"),
+                  d["starts_on"], d["ends_on"]))]
+
     def objective_created(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
-        return [("INSERT INTO {schema}.objectives VALUES (%s, %s, %s, 'active', %s, %s, %s, %s, NULL, %s) "
+        return [("INSERT INTO {schema}.objectives VALUES (%s, %s, %s, %s, %s, %s, %s, %s, NULL, NULL, %s, %s) "
                  "ON CONFLICT (id) DO NOTHING",
-                 (e.originator_id, d["title"], d.get("description", ""), str(d["owner_kind"]),
-                  d["owner_id"], d["unit_id"], d["cycle_id"], e.timestamp))]
+                 (e.originator_id, d["title"], d.get("description", ""), str(d.get("status") or "active"),
+                  str(d["owner_kind"]), d["owner_id"], d["unit_id"], d["cycle_id"], d.get("carried_from"),
+                  e.timestamp))]
+
+    def objective_updated(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [("UPDATE {schema}.objectives SET title = %s, description = %s, owner_kind = %s, owner_id = %s "
+                 "WHERE id = %s", (d["title"], d["description"], str(d["owner_kind"]), d["owner_id"],
+                                   e.originator_id))]
+
+    def objective_graded(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        status = ", status = 'closed'" if e.type == "ObjectiveGraded" else ""
+        return [("UPDATE {schema}.objectives SET final_score = %s" + status + " WHERE id = %s",
+                 (d.get("final_score"), e.originator_id))]
 
     def objective_aligned(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         return [("UPDATE {schema}.objectives SET parent_id = %s WHERE id = %s",
                  (d.get("parent_id"), e.originator_id))]
+
+    def contribution_added(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [("INSERT INTO {schema}.contributions VALUES (%s, %s, %s) ON CONFLICT (objective_id, to_objective_id) "
+                 "DO UPDATE SET weight = EXCLUDED.weight", (e.originator_id, d["to_objective_id"], d["weight"]))]
+
+    def contribution_removed(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [("DELETE FROM {schema}.contributions WHERE objective_id = %s AND to_objective_id = %s",
+                 (e.originator_id, d["to_objective_id"]))]
 
     def key_result_created(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         weights = [float(m["weight"]) for m in d.get("milestones") or []]
@@ -98,11 +154,34 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
                   d.get("target"), d.get("low"), d.get("high"), weights, d.get("unit", ""),
                   d.get("weight", 1.0), e.timestamp))]
 
-    def key_result_progressed(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
-        # The current value is the check-in with the latest valid_on; an earlier day is history.
-        return [("UPDATE {schema}.key_results SET current = %s, current_valid_on = %s, confidence = %s "
-                 "WHERE id = %s AND (current_valid_on IS NULL OR current_valid_on <= %s)",
-                 (d["value"], d["valid_on"], d.get("confidence"), e.originator_id, d["valid_on"]))]
+    def key_result_revised(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        weights = [float(m["weight"]) for m in d.get("milestones") or []]
+        return [("UPDATE {schema}.key_results SET title = %s, unit = %s, weight = %s, start = %s, target = %s, "
+                 "low = %s, high = %s, milestone_weights = %s WHERE id = %s",
+                 (d["title"], d.get("unit", ""), d["weight"], d.get("start"), d.get("target"), d.get("low"),
+                  d.get("high"), weights, e.originator_id))]
+
+    def key_result_moved(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [("UPDATE {schema}.key_results SET objective_id = %s WHERE id = %s",
+                 (d["objective_id"], e.originator_id))]
+
+    def key_result_checked_in(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        """A check-in or a correction of one: kept as history, then the current value is the
+        one `current_check_in` picks from all of them."""
+        check_in = CheckIn(e.version, d["valid_on"], d["value"], d.get("confidence"), d.get("corrects_version"))
+        earlier = self.view.query(
+            "SELECT version, valid_on, value, confidence, corrects_version FROM {schema}.check_ins "
+            "WHERE key_result_id = %s", (e.originator_id,))
+        current = current_check_in([check_in, *(CheckIn(r["version"], r["valid_on"], r["value"], r["confidence"],
+                                                         r["corrects_version"]) for r in earlier)])
+        assert current is not None
+        return [
+            ("INSERT INTO {schema}.check_ins VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+             (e.originator_id, e.version, d["valid_on"], d["value"], d.get("confidence"), d.get("note", ""),
+              d.get("corrects_version"), e.timestamp, e.meta.get("actor", "unknown"))),
+            ("UPDATE {schema}.key_results SET current = %s, current_valid_on = %s, confidence = %s WHERE id = %s",
+             (current.value, current.valid_on, current.confidence, e.originator_id)),
+        ]
 
     # metrics -------------------------------------------------------------------------------
 
@@ -167,18 +246,47 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
         ]
 
 
-HANDLERS: dict[str, Callable[[AlignmentProjection, ContractEvent, dict[str, Any]], list[Statement]]] = {
-    "OrgUnitCreated": AlignmentProjection.unit_created,
-    "OrgUnitRenamed": AlignmentProjection.unit_renamed,
-    "OrgUnitMoved": AlignmentProjection.unit_moved,
-    "ObjectiveCreated": AlignmentProjection.objective_created,
-    "ObjectiveAligned": AlignmentProjection.objective_aligned,
-    "KeyResultCreated": AlignmentProjection.key_result_created,
-    "KeyResultProgressed": AlignmentProjection.key_result_progressed,
-    "KPIDefined": AlignmentProjection.kpi_defined,
-    "KPIMeasured": AlignmentProjection.kpi_measured,
-    "KPIThresholdBreached": AlignmentProjection.kpi_breached,
-    "KPIRecovered": AlignmentProjection.kpi_recovered,
+def set_status(table: str, status: str) -> Handler:
+    """A handler for an event whose only news is a new status (CycleClosed, ObjectiveArchived)."""
+
+    def handler(self: AlignmentProjection, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [(f"UPDATE {{schema}}.{table} SET status = %s WHERE id = %s", (status, e.originator_id))]
+
+    return handler
+
+
+P = AlignmentProjection
+HANDLERS: dict[str, Handler] = {
+    "OrgUnitCreated": P.unit_created,
+    "OrgUnitRenamed": P.unit_renamed,
+    "OrgUnitMoved": P.unit_moved,
+    "PersonJoined": P.person_joined,
+    "PersonMovedUnit": P.person_moved,
+    "PersonManagerChanged": P.person_manager_changed,
+    "PersonLeft": P.person_left,
+    "CycleCreated": P.cycle_created,
+    "CycleActivated": set_status("cycles", "active"),
+    "CycleClosed": set_status("cycles", "closed"),
+    "ObjectiveCreated": P.objective_created,
+    "ObjectiveUpdated": P.objective_updated,
+    "ObjectiveActivated": set_status("objectives", "active"),
+    "ObjectiveClosed": set_status("objectives", "closed"),
+    "ObjectiveReopened": set_status("objectives", "active"),
+    "ObjectiveArchived": set_status("objectives", "archived"),
+    "ObjectiveGraded": P.objective_graded,
+    "ObjectiveRegraded": P.objective_graded,
+    "ObjectiveAligned": P.objective_aligned,
+    "ObjectiveContributionAdded": P.contribution_added,
+    "ObjectiveContributionRemoved": P.contribution_removed,
+    "KeyResultCreated": P.key_result_created,
+    "KeyResultRevised": P.key_result_revised,
+    "KeyResultMovedToObjective": P.key_result_moved,
+    "KeyResultProgressed": P.key_result_checked_in,
+    "KeyResultCheckInCorrected": P.key_result_checked_in,
+    "KPIDefined": P.kpi_defined,
+    "KPIMeasured": P.kpi_measured,
+    "KPIThresholdBreached": P.kpi_breached,
+    "KPIRecovered": P.kpi_recovered,
 }
 
 def alignment_projections(schema: str = "gateway") -> list[ProjectionSpec]:

@@ -209,7 +209,7 @@ async def test_a_subtree_loads_in_a_fixed_number_of_round_trips(
         large = Alignment(pool)
         await large.organization()
         assert (len(small.units), len(large.units)) == (4, 10)
-        assert small.queries == large.queries == 6  # the root, then units, objectives, KRs, KPIs, rules
+        assert small.queries == large.queries == 7  # the root, then units, objectives, KRs, contributions, KPIs, rules
         assert len(large.aligned[org.ids["C"]]) == 6
     finally:
         await pool.close()

@@ -104,3 +104,38 @@ def test_kpi_states() -> None:
     assert kpi_state(True, []) == "ok"
     assert kpi_state(True, ["ok", "pending"]) == "pending"
     assert kpi_state(True, ["pending", "breached", "ok"]) == "breached"
+
+
+def test_contributions_roll_up_with_their_weights() -> None:
+    from uuid import uuid4
+
+    from services.gateway.domain import ObjectiveNode, rolled_up_scores
+
+    company, aligned, contributor = uuid4(), uuid4(), uuid4()
+    nodes = {
+        company: ObjectiveNode(None, [(0.8, 1.0)]),
+        aligned: ObjectiveNode(company, [(0.5, 1.0)]),
+        contributor: ObjectiveNode(None, [(0.2, 1.0)], {company: 2.0}),
+    }
+    # (0.8 * 1 + 0.5 * 1 + 0.2 * 2) / 4 = 0.425
+    assert rolled_up_scores(nodes)[company] == pytest.approx(0.425)
+    assert rolled_up_scores(nodes)[contributor] == pytest.approx(0.2)
+
+
+def test_the_current_check_in_is_the_latest_day_as_last_corrected() -> None:
+    from datetime import date
+
+    from services.gateway.domain import CheckIn, current_check_in
+
+    assert current_check_in([]) is None
+    history = [
+        CheckIn(2, date(2026, 11, 10), 6, 7),
+        CheckIn(3, date(2026, 11, 1), 2, 3),  # an earlier day: history
+        CheckIn(4, date(2026, 11, 10), 5, 6, corrects=2),  # fixes version 2 in place
+        CheckIn(5, date(2026, 11, 10), 5.5, 6, corrects=2),  # and fixes it again
+    ]
+    current = current_check_in(history)
+    assert current is not None and (current.version, current.value, current.confidence) == (2, 5.5, 6)
+    # a correction that moves a check-in to an earlier day lets the other one be current
+    moved = current_check_in([*history, CheckIn(6, date(2026, 10, 1), 5.5, 6, corrects=2)])
+    assert moved is not None and (moved.version, moved.value) == (3, 2)
