@@ -92,6 +92,10 @@ class IdempotentRecorder(PostgresApplicationRecorder):
             "request_hash text NOT NULL, aggregate_id uuid NOT NULL, aggregate_version bigint NOT NULL, "
             "recorded_at timestamptz NOT NULL DEFAULT now(), "
             "PRIMARY KEY (subject, key))").format(self.keys_table))
+        # The write's last log position: a write of several aggregates (carry-over, a cycle
+        # closing) ends after its first aggregate's events.
+        self.sql_create_statements.append(SQL(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS position bigint").format(self.keys_table))
 
     def _insert_events(self, curs: Cursor[DictRow], stored_events: list[StoredEvent], **kwargs: Any) -> None:
         record = kwargs.get("idempotency")
@@ -104,6 +108,15 @@ class IdempotentRecorder(PostgresApplicationRecorder):
             if curs.fetchone() is None:
                 raise KeyTaken(claim.key)
         super()._insert_events(curs, stored_events, **kwargs)
+
+    def _fetch_ids_after_insert_events(self, curs: Cursor[DictRow], stored_events: Any, **kwargs: Any) -> Any:
+        ids = super()._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+        record = kwargs.get("idempotency")
+        if record is not None and ids:
+            claim = record[0]
+            curs.execute(SQL("UPDATE {} SET position = %s WHERE subject = %s AND key = %s").format(self.keys_table),
+                         (max(ids), claim.subject, claim.key))
+        return ids
 
     def stored_answer(self, subject: str, key: str) -> StoredAnswer | None:
         """The answer recorded for a key, with the log position of the write it names."""
@@ -118,4 +131,4 @@ class IdempotentRecorder(PostgresApplicationRecorder):
         if row is None:
             return None
         return StoredAnswer(row["request_hash"], row["aggregate_id"], row["aggregate_version"],
-                            int(row["notification_id"] or 0))
+                            int(row["position"] or row["notification_id"] or 0))

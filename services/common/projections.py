@@ -25,7 +25,12 @@ from typing import Any
 from eventsourcing.application import Application
 from eventsourcing.persistence import InfrastructureFactory, Mapper, StoredEvent, Tracking
 from eventsourcing.postgres import PostgresTrackingRecorder
-from eventsourcing.projection import Projection, ProjectionRunner
+from eventsourcing.projection import (
+    EventSourcedProjection,
+    EventSourcedProjectionRunner,
+    Projection,
+    ProjectionRunner,
+)
 from eventsourcing.utils import Environment
 from psycopg.sql import SQL, Identifier
 
@@ -68,9 +73,10 @@ class ReadModel(PostgresTrackingRecorder):
     def table_names(self) -> list[str]:
         return [m.group(1) for ddl in self.tables if (m := _CREATED_TABLE.search(ddl))]
 
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(("\n".join(self.tables) + f"\nrevision {self.revision}").encode()).hexdigest()
+    @classmethod
+    def fingerprint(cls) -> str:
+        """The read model's shape: its DDL and revision."""
+        return hashlib.sha256(("\n".join(cls.tables) + f"\nrevision {cls.revision}").encode()).hexdigest()
 
     def _create_table(self, curs: Any) -> None:
         """Runners that share a read model (the gateway's follows two logs) and the API's own
@@ -83,9 +89,12 @@ class ReadModel(PostgresTrackingRecorder):
         curs.execute(SQL("SELECT fingerprint FROM {} WHERE tracking_table = %s").format(fingerprints),
                      (self.tracking_table_name,))
         stored = curs.fetchone()
-        if stored is not None and stored["fingerprint"] != self.fingerprint:
-            log.warning("read model %s.%s changed shape: rebuilding it from the log",
-                        self.schema, self.tracking_table_name)
+        # No fingerprint at all: new, or built before fingerprints were kept; either way the
+        # drops below find nothing to keep.
+        if stored is None or stored["fingerprint"] != self.fingerprint():
+            if stored is not None:
+                log.warning("read model %s.%s changed shape: rebuilding it from the log",
+                            self.schema, self.tracking_table_name)
             for table in self.table_names:
                 curs.execute(SQL("DROP TABLE IF EXISTS {}.{} CASCADE").format(Identifier(self.schema), Identifier(table)))
             curs.execute("SELECT to_regclass(%s) AS t", (f"{self.schema}.{self.tracking_table_name}",))
@@ -95,7 +104,7 @@ class ReadModel(PostgresTrackingRecorder):
         super()._create_table(curs)
         curs.execute(SQL("INSERT INTO {} VALUES (%s, %s) ON CONFLICT (tracking_table) DO UPDATE "
                          "SET fingerprint = EXCLUDED.fingerprint").format(fingerprints),
-                     (self.tracking_table_name, self.fingerprint))
+                     (self.tracking_table_name, self.fingerprint()))
 
     def apply(self, tracking: Tracking, statements: Iterable[Statement] = ()) -> None:
         """Run the statements and record the tracking position in one transaction."""
@@ -157,13 +166,27 @@ def followed_log(name: str) -> type[Application[uuid.UUID]]:
 
 @dataclass
 class ProjectionSpec:
-    """One projection runner: which log it follows and what it writes."""
+    """One projection runner: which log it follows and what it writes.
+
+    A read-model projection (`Projection` + `view_class`) writes tables; an event-sourced one
+    (the library's `EventSourcedProjection`, no `view_class`) is a policy that records new
+    events in its own service's log, with the tracking position in the same transaction.
+    """
 
     application_class: type[Application[Any]]
-    projection_class: type[Projection[Any]]
-    view_class: type[ReadModel]
+    projection_class: type[Projection[Any]] | type[EventSourcedProjection[Any]]
+    view_class: type[ReadModel] | None
     application_schema: str
     view_schema: str
+
+    def runner(self, database_url: str) -> Any:
+        if self.view_class is None:
+            return EventSourcedProjectionRunner(application_class=self.application_class,
+                                                projection_class=self.projection_class,  # type: ignore[arg-type]
+                                                env=self.env(database_url))
+        return ProjectionRunner(application_class=self.application_class,
+                                projection_class=self.projection_class,  # type: ignore[arg-type]
+                                view_class=self.view_class, env=self.env(database_url))
 
     def env(self, database_url: str) -> dict[str, str]:
         app_name = self.application_class.name.upper()
@@ -189,6 +212,8 @@ class ProjectionSpec:
     def create_tables(self, database_url: str) -> None:
         """Create the read model's tables (tracking included) now, so that a read that waits
         on a position finds them before the projection thread has got going."""
+        if self.view_class is None:
+            return  # an event-sourced projection creates its tables when its runner starts
         env = Environment(self.projection_class.name,
                           eventsourcing_env(database_url, self.view_schema, pool_size=1, max_overflow=0))
         factory = InfrastructureFactory.construct(env)
@@ -221,12 +246,7 @@ class ProjectionThread(threading.Thread):
         pause = self.first_pause
         while not self.stopping.is_set():
             try:
-                with ProjectionRunner(
-                    application_class=self.spec.application_class,
-                    projection_class=self.spec.projection_class,
-                    view_class=self.spec.view_class,
-                    env=self.spec.env(self.database_url),
-                ) as runner:
+                with self.spec.runner(self.database_url) as runner:
                     self._runner = runner
                     self.running.set()
                     self.last_error = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Annotated, Any, Generic, TypeVar
@@ -49,14 +50,28 @@ def _iso_text(value: Any) -> Any:
     raise ValueError("expected an ISO 8601 string")
 
 
-# Input types that take JSON at its word: a number is a JSON number (not "5", not true), a date
-# is an ISO 8601 string (not the number 0, which lax parsing would read as 1970-01-01).
+def _calendar_day(value: Any) -> Any:
+    """Lax parsing reads "0" as 1970-01-01 and a datetime as its day: a day is YYYY-MM-DD."""
+    if isinstance(value, date):
+        return value
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+        raise ValueError("expected a day as YYYY-MM-DD")
+    return value
+
+
+# Input types that take JSON at its word: a number is a JSON number (not "5", not true), a day
+# is YYYY-MM-DD and a moment an ISO 8601 string with its time zone (not the number 0, which lax
+# parsing reads as 1970). Text never holds NUL, which PostgreSQL cannot store: one such event
+# would stop every projection that follows the log.
+NO_NUL = r"^[^\x00]*$"
 Number = Annotated[float, Strict(), Field(allow_inf_nan=False, ge=-1e12, le=1e12)]
 Weight = Annotated[float, Strict(), Field(gt=0, le=1e6)]
 WholeNumber = Annotated[int, Strict()]
-IsoDate = Annotated[date, BeforeValidator(_iso_text)]
+IsoDate = Annotated[date, BeforeValidator(_calendar_day)]
 IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
+Text = Annotated[str, Field(max_length=5000, pattern=NO_NUL)]
+Label = Annotated[str, Field(max_length=50, pattern=NO_NUL)]
 # A list's `after` parameter: the opaque cursor a previous page gave as `nextCursor`.
 Cursor = Annotated[str, Query(pattern=r"^[A-Za-z0-9_-]{1,400}$", description="`nextCursor` of the previous page.")]
 

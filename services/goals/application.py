@@ -538,12 +538,13 @@ class Goals(TandemApplication):
         *,
         corrects_version: int,
         value: float,
-        confidence: int | None,
-        note: str,
-        valid_on: date,
+        confidence: int | None | Unchanged = UNCHANGED,
+        note: str | Unchanged = UNCHANGED,
+        valid_on: date | Unchanged = UNCHANGED,
         expected_version: int | None = None,
     ) -> Written:
-        """Correct the check-in recorded at `corrects_version`; both stay in the history."""
+        """Correct the check-in recorded at `corrects_version`; both stay in the history. What
+        is left `UNCHANGED` keeps the check-in's own confidence, note or date."""
         kr = self.get_key_result(key_result_id)
         self.check_version(kr, expected_version)
         self._refuse_if_frozen(kr)

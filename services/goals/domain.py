@@ -687,6 +687,12 @@ class CheckIn(NamedTuple):
     confidence: int | None
 
 
+def in_valid_order(check_ins: Iterable[CheckIn]) -> list[CheckIn]:
+    """Check-ins by the day they apply to, then in recorded order: the last one is the key
+    result's current value. The read model orders its rows with this too."""
+    return sorted(check_ins, key=lambda c: (c.valid_on, c.version))
+
+
 class Unchanged(enum.Enum):
     token = "unchanged"
 
@@ -773,8 +779,7 @@ class KeyResult(Aggregate):
     @property
     def effective_check_ins(self) -> list[CheckIn]:
         """Every check-in as it stands after corrections, by valid date (then recorded order)."""
-        entries = [CheckIn(c["version"], c["valid_on"], c["value"], c["confidence"]) for c in self._check_ins]
-        return sorted(entries, key=lambda c: (c.valid_on, c.version))
+        return in_valid_order(CheckIn(c["version"], c["valid_on"], c["value"], c["confidence"]) for c in self._check_ins)
 
     def forecast(self, cycle_ends_on: date) -> tuple[float | None, float | None]:
         """The projected value and score at the end of the cycle, from the check-in trend."""
@@ -801,12 +806,24 @@ class KeyResult(Aggregate):
         self._recompute_current()
 
     def correct_check_in(
-        self, *, corrects_version: int, value: float, confidence: int | None, note: str, valid_on: date
+        self,
+        *,
+        corrects_version: int,
+        value: float,
+        confidence: int | None | Unchanged = UNCHANGED,
+        note: str | Unchanged = UNCHANGED,
+        valid_on: date | Unchanged = UNCHANGED,
     ) -> None:
         """Replace what an earlier check-in said (its value, confidence, note and date), keeping
-        both in the history. A check-in can be corrected again: the latest correction counts."""
-        if not any(c["version"] == corrects_version for c in self._check_ins):
+        both in the history. A check-in can be corrected again: the latest correction counts.
+        What the correction leaves `UNCHANGED` it takes from the check-in as it stands, so the
+        event always records the whole corrected entry."""
+        entry = next((c for c in self._check_ins if c["version"] == corrects_version), None)
+        if entry is None:
             raise DomainError(f"version {corrects_version} of this key result is not a check-in")
+        confidence = entry["confidence"] if confidence is UNCHANGED else confidence
+        note = entry["note"] if note is UNCHANGED else note
+        valid_on = entry["valid_on"] if valid_on is UNCHANGED else valid_on
         self._validate_check_in(value, confidence)
         self._check_in_corrected(corrects_version=corrects_version, value=value, confidence=confidence,
                                  note=note, valid_on=valid_on)

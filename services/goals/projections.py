@@ -1,154 +1,384 @@
 """The goals read model: tables in the `goals` schema that the REST reads query.
 
 Written only by `GoalsProjection`, one event per transaction together with its tracking
-position; dropped and replayed it gives the same rows.
+position; dropped and replayed it gives the same rows. Every event of an aggregate sets its
+row's `version`, so a read's ETag is the aggregate's version.
+
+History is kept where the domain keeps it: `person_units` and `person_managers` hold every
+effective-dated assignment with the days it was in force (`from_on` to `to_on`, both
+inclusive; `effective` is false for one that never was, such as an assignment replaced on its
+own first day), and `check_ins` holds each check-in and each correction as its own row.
+Derived values (a key result's current value, score and forecast) come from the domain's own
+functions, so that the read model and the write side always agree.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from datetime import date
 from typing import Any
+from uuid import UUID
 
 from eventsourcing.dispatch import singledispatchmethod
 from eventsourcing.persistence import Tracking
 from eventsourcing.projection import Projection
 
-from services.common.projections import ProjectionSpec, ReadModel
+from services.common.projections import ProjectionSpec, ReadModel, Statement
 from services.goals.application import Goals
-from services.goals.domain import Cycle, KeyResult, Measure, Objective, OrgUnit
+from services.goals.domain import (
+    CheckIn,
+    Cycle,
+    KeyResult,
+    Measure,
+    Objective,
+    OrgUnit,
+    Person,
+    forecast,
+    in_valid_order,
+)
+
+PROJECTION_NAME = "goals_view"  # the tracking table is `<name>_tracking`
+TABLES = ("units", "people", "person_units", "person_managers", "cycles", "objectives", "contributions",
+          "key_results", "check_ins")
 
 
 class GoalsReadModel(ReadModel):
     tables = (
         """CREATE TABLE IF NOT EXISTS {schema}.units (
             id uuid PRIMARY KEY, name text NOT NULL, kind text NOT NULL, parent_id uuid,
-            version bigint NOT NULL, updated_at timestamptz NOT NULL)""",
+            version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS units_parent ON {schema}.units (parent_id)",
+        """CREATE TABLE IF NOT EXISTS {schema}.people (
+            id uuid PRIMARY KEY, name text NOT NULL, email text NOT NULL, unit_id uuid NOT NULL,
+            manager_id uuid, joined_on date NOT NULL, left_on date,
+            version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS people_unit ON {schema}.people (unit_id)",
+        "CREATE INDEX IF NOT EXISTS people_manager ON {schema}.people (manager_id)",
+        """CREATE TABLE IF NOT EXISTS {schema}.person_units (
+            person_id uuid NOT NULL, version bigint NOT NULL, unit_id uuid NOT NULL,
+            from_on date NOT NULL, to_on date, effective boolean NOT NULL,
+            PRIMARY KEY (person_id, version))""",
+        "CREATE INDEX IF NOT EXISTS person_units_unit ON {schema}.person_units (unit_id, from_on)",
+        """CREATE TABLE IF NOT EXISTS {schema}.person_managers (
+            person_id uuid NOT NULL, version bigint NOT NULL, manager_id uuid,
+            from_on date NOT NULL, to_on date, effective boolean NOT NULL,
+            PRIMARY KEY (person_id, version))""",
         """CREATE TABLE IF NOT EXISTS {schema}.cycles (
-            id uuid PRIMARY KEY, name text NOT NULL, starts_on date NOT NULL, ends_on date NOT NULL,
-            status text NOT NULL, version bigint NOT NULL, updated_at timestamptz NOT NULL)""",
+            id uuid PRIMARY KEY, name text NOT NULL, kind text NOT NULL, parent_id uuid,
+            starts_on date NOT NULL, ends_on date NOT NULL, status text NOT NULL,
+            version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
         """CREATE TABLE IF NOT EXISTS {schema}.objectives (
             id uuid PRIMARY KEY, title text NOT NULL, description text NOT NULL,
             owner_kind text NOT NULL, owner_id uuid NOT NULL, unit_id uuid NOT NULL,
             cycle_id uuid NOT NULL, parent_id uuid, status text NOT NULL,
+            graded boolean NOT NULL, final_score double precision, grade_reason text,
+            carried_from uuid, carried_to uuid[] NOT NULL,
             version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS objectives_cycle_unit ON {schema}.objectives (cycle_id, unit_id)",
+        "CREATE INDEX IF NOT EXISTS objectives_owner ON {schema}.objectives (owner_id, cycle_id)",
+        "CREATE INDEX IF NOT EXISTS objectives_parent ON {schema}.objectives (parent_id)",
+        """CREATE TABLE IF NOT EXISTS {schema}.contributions (
+            objective_id uuid NOT NULL, to_objective_id uuid NOT NULL, weight double precision NOT NULL,
+            PRIMARY KEY (objective_id, to_objective_id))""",
+        "CREATE INDEX IF NOT EXISTS contributions_to ON {schema}.contributions (to_objective_id)",
         """CREATE TABLE IF NOT EXISTS {schema}.key_results (
             id uuid PRIMARY KEY, objective_id uuid NOT NULL, title text NOT NULL, kind text NOT NULL,
             start double precision, target double precision, low double precision,
             high double precision, milestones jsonb NOT NULL, unit text NOT NULL,
             weight double precision NOT NULL, owner_id uuid, current double precision,
             current_valid_on date, confidence smallint, score double precision,
-            check_in_count integer NOT NULL, version bigint NOT NULL,
+            forecast_value double precision, forecast_score double precision,
+            check_in_count integer NOT NULL, correction_count integer NOT NULL, version bigint NOT NULL,
             created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS key_results_objective ON {schema}.key_results (objective_id)",
+        # A check-in (corrects_version null; corrected_by: its latest correction, if any) or a
+        # correction of one (corrects_version: the check-in it replaces).
         """CREATE TABLE IF NOT EXISTS {schema}.check_ins (
             key_result_id uuid NOT NULL, version bigint NOT NULL, value double precision NOT NULL,
             confidence smallint, note text NOT NULL, valid_on date NOT NULL,
+            corrects_version bigint, corrected_by bigint,
             recorded_at timestamptz NOT NULL, actor text NOT NULL,
             PRIMARY KEY (key_result_id, version))""",
     )
 
 
+def _set(table: str, e: Any, **columns: Any) -> Statement:
+    """The UPDATE every event makes to its aggregate's row: its columns, version and time."""
+    assignments = "".join(f"{name} = %s, " for name in columns)
+    return (f"UPDATE {{schema}}.{table} SET {assignments}version = %s, updated_at = %s WHERE id = %s",
+            (*columns.values(), e.originator_version, e.timestamp, e.originator_id))
+
+
+def _insert(table: str, **columns: Any) -> Statement:
+    return (f"INSERT INTO {{schema}}.{table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))}) "
+            "ON CONFLICT DO NOTHING", tuple(columns.values()))
+
+
+def _assignment(history: str, column: str, e: Any, value: UUID | None, from_on: date) -> list[Statement]:
+    """Record an effective-dated assignment of a person (unit or manager), make the person's
+    current one the latest (latest day; for the same day, the later recorded, as the domain
+    says), and recompute the days each assignment was in force."""
+    return [
+        _insert(history, person_id=e.originator_id, version=e.originator_version, **{column: value},
+                from_on=from_on, to_on=None, effective=True),
+        _set("people", e),
+        (f"UPDATE {{schema}}.people SET {column} = (SELECT {column} FROM {{schema}}.{history} "
+         "WHERE person_id = %s ORDER BY from_on DESC, version DESC LIMIT 1) WHERE id = %s",
+         (e.originator_id, e.originator_id)),
+        _spans(history, e.originator_id),
+    ]
+
+
+def _spans(history: str, person_id: UUID) -> Statement:
+    """Each assignment lasts until the day before the next one starts, and at most until the
+    person's last day; one followed by another on its own first day never took effect."""
+    return (f"""UPDATE {{schema}}.{history} h SET effective = s.effective,
+                   to_on = CASE WHEN s.effective THEN LEAST(s.next_from - 1, s.left_on) END
+               FROM (SELECT version, next_from, left_on,
+                            (next_from IS NULL OR next_from > from_on)
+                            AND (left_on IS NULL OR from_on <= left_on) AS effective
+                     FROM (SELECT a.version, a.from_on, p.left_on,
+                                  lead(a.from_on) OVER (ORDER BY a.from_on, a.version) AS next_from
+                           FROM {{schema}}.{history} a JOIN {{schema}}.people p ON p.id = a.person_id
+                           WHERE a.person_id = %s) ordered) s
+               WHERE h.person_id = %s AND h.version = s.version""", (person_id, person_id))
+
+
 class GoalsProjection(Projection[GoalsReadModel]):
-    name = "goals_view"
+    name = PROJECTION_NAME
 
     @singledispatchmethod
     def process_event(self, domain_event: Any, tracking: Tracking) -> None:
         """Events the read model does not show still move its position."""
         self.view.apply(tracking)
 
+    # Org units.
+
     @process_event.register
     def _(self, e: OrgUnit.Created, tracking: Tracking) -> None:
-        self.view.apply(tracking, [(
-            "INSERT INTO {schema}.units VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-            (e.originator_id, e.name, str(e.kind), e.parent_id, e.originator_version, e.timestamp),
-        )])
+        self.view.apply(tracking, [_insert(
+            "units", id=e.originator_id, name=e.name, kind=str(e.kind), parent_id=e.parent_id,
+            version=e.originator_version, created_at=e.timestamp, updated_at=e.timestamp)])
 
     @process_event.register
     def _(self, e: OrgUnit.Renamed, tracking: Tracking) -> None:
-        self.view.apply(tracking, [(
-            "UPDATE {schema}.units SET name = %s, version = %s, updated_at = %s WHERE id = %s",
-            (e.name, e.originator_version, e.timestamp, e.originator_id),
-        )])
+        self.view.apply(tracking, [_set("units", e, name=e.name)])
 
     @process_event.register
     def _(self, e: OrgUnit.Moved, tracking: Tracking) -> None:
-        self.view.apply(tracking, [(
-            "UPDATE {schema}.units SET parent_id = %s, version = %s, updated_at = %s WHERE id = %s",
-            (e.parent_id, e.originator_version, e.timestamp, e.originator_id),
-        )])
+        self.view.apply(tracking, [_set("units", e, parent_id=e.parent_id)])
+
+    # People.
+
+    @process_event.register
+    def _(self, e: Person.Joined, tracking: Tracking) -> None:
+        self.view.apply(tracking, [
+            _insert("people", id=e.originator_id, name=e.name, email=e.email, unit_id=e.unit_id,
+                    manager_id=e.manager_id, joined_on=e.joined_on, left_on=None,
+                    version=e.originator_version, created_at=e.timestamp, updated_at=e.timestamp),
+            *_assignment("person_units", "unit_id", e, e.unit_id, e.joined_on),
+            *_assignment("person_managers", "manager_id", e, e.manager_id, e.joined_on),
+        ])
+
+    @process_event.register
+    def _(self, e: Person.MovedUnit, tracking: Tracking) -> None:
+        self.view.apply(tracking, _assignment("person_units", "unit_id", e, e.unit_id, e.effective_on))
+
+    @process_event.register
+    def _(self, e: Person.ManagerChanged, tracking: Tracking) -> None:
+        self.view.apply(tracking, _assignment("person_managers", "manager_id", e, e.manager_id, e.effective_on))
+
+    @process_event.register
+    def _(self, e: Person.Left, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("people", e, left_on=e.left_on),
+                                   _spans("person_units", e.originator_id),
+                                   _spans("person_managers", e.originator_id)])
+
+    # Cycles.
 
     @process_event.register
     def _(self, e: Cycle.Created, tracking: Tracking) -> None:
-        self.view.apply(tracking, [(
-            "INSERT INTO {schema}.cycles VALUES (%s, %s, %s, %s, 'planning', %s, %s) ON CONFLICT (id) DO NOTHING",
-            (e.originator_id, e.name, e.starts_on, e.ends_on, e.originator_version, e.timestamp),
-        )])
+        self.view.apply(tracking, [_insert(
+            "cycles", id=e.originator_id, name=e.name, kind=str(e.kind), parent_id=e.parent_id,
+            starts_on=e.starts_on, ends_on=e.ends_on, status="planning",
+            version=e.originator_version, created_at=e.timestamp, updated_at=e.timestamp)])
 
     @process_event.register
     def _(self, e: Cycle.Activated, tracking: Tracking) -> None:
-        self._cycle_status(e, "active", tracking)
+        self.view.apply(tracking, [_set("cycles", e, status="active")])
 
     @process_event.register
     def _(self, e: Cycle.Closed, tracking: Tracking) -> None:
-        self._cycle_status(e, "closed", tracking)
+        self.view.apply(tracking, [_set("cycles", e, status="closed")])
 
-    def _cycle_status(self, e: Any, status: str, tracking: Tracking) -> None:
-        self.view.apply(tracking, [(
-            "UPDATE {schema}.cycles SET status = %s, version = %s, updated_at = %s WHERE id = %s",
-            (status, e.originator_version, e.timestamp, e.originator_id),
-        )])
+    # Objectives.
 
     @process_event.register
     def _(self, e: Objective.Created, tracking: Tracking) -> None:
-        self.view.apply(tracking, [(
-            "INSERT INTO {schema}.objectives VALUES "
-            "(%s, %s, %s, %s, %s, %s, %s, NULL, 'active', %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-            (e.originator_id, e.title, e.description, str(e.owner_kind), e.owner_id, e.unit_id,
-             e.cycle_id, e.originator_version, e.timestamp, e.timestamp),
-        )])
+        self.view.apply(tracking, [_insert(
+            "objectives", id=e.originator_id, title=e.title, description=e.description,
+            owner_kind=str(e.owner_kind), owner_id=e.owner_id, unit_id=e.unit_id, cycle_id=e.cycle_id,
+            parent_id=None, status=str(e.status), graded=False, final_score=None, grade_reason=None,
+            carried_from=e.carried_from, carried_to=[], version=e.originator_version,
+            created_at=e.timestamp, updated_at=e.timestamp)])
 
     @process_event.register
     def _(self, e: Objective.Aligned, tracking: Tracking) -> None:
-        self.view.apply(tracking, [(
-            "UPDATE {schema}.objectives SET parent_id = %s, version = %s, updated_at = %s WHERE id = %s",
-            (e.parent_id, e.originator_version, e.timestamp, e.originator_id),
-        )])
+        self.view.apply(tracking, [_set("objectives", e, parent_id=e.parent_id)])
+
+    @process_event.register
+    def _(self, e: Objective.ContributionAdded, tracking: Tracking) -> None:
+        self.view.apply(tracking, [
+            ("INSERT INTO {schema}.contributions VALUES (%s, %s, %s) "
+             "ON CONFLICT (objective_id, to_objective_id) DO UPDATE SET weight = EXCLUDED.weight",
+             (e.originator_id, e.to_objective_id, e.weight)),
+            _set("objectives", e)])
+
+    @process_event.register
+    def _(self, e: Objective.ContributionRemoved, tracking: Tracking) -> None:
+        self.view.apply(tracking, [
+            ("DELETE FROM {schema}.contributions WHERE objective_id = %s AND to_objective_id = %s",
+             (e.originator_id, e.to_objective_id)),
+            _set("objectives", e)])
+
+    @process_event.register
+    def _(self, e: Objective.Updated, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("objectives", e, title=e.title, description=e.description,
+                                        owner_kind=str(e.owner_kind), owner_id=e.owner_id)])
+
+    @process_event.register
+    def _(self, e: Objective.KeyResultAttached | Objective.KeyResultDetached, tracking: Tracking) -> None:
+        """The key result's own row says which objective it belongs to; the objective's
+        version still moves."""
+        self.view.apply(tracking, [_set("objectives", e)])
+
+    @process_event.register
+    def _(self, e: Objective.Activated | Objective.Reopened, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("objectives", e, status="active")])
+
+    @process_event.register
+    def _(self, e: Objective.Closed, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("objectives", e, status="closed")])
+
+    @process_event.register
+    def _(self, e: Objective.Archived, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("objectives", e, status="archived")])
+
+    @process_event.register
+    def _(self, e: Objective.Graded, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("objectives", e, status="closed", graded=True,
+                                        final_score=e.final_score, grade_reason=e.reason)])
+
+    @process_event.register
+    def _(self, e: Objective.Regraded, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("objectives", e, final_score=e.final_score, grade_reason=e.reason)])
+
+    @process_event.register
+    def _(self, e: Objective.CarriedOver, tracking: Tracking) -> None:
+        self.view.apply(tracking, [
+            ("UPDATE {schema}.objectives SET carried_to = array_append(carried_to, %s) WHERE id = %s",
+             (e.to_objective_id, e.originator_id)),
+            _set("objectives", e)])
+
+    # Key results.
 
     @process_event.register
     def _(self, e: KeyResult.Created, tracking: Tracking) -> None:
-        self.view.apply(tracking, [(
-            "INSERT INTO {schema}.key_results VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-            "NULL, NULL, NULL, NULL, 0, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-            (e.originator_id, e.objective_id, e.title, str(e.kind), e.start, e.target, e.low, e.high,
-             json.dumps(e.milestones), e.unit, e.weight, e.owner_id, e.originator_version,
-             e.timestamp, e.timestamp),
-        )])
+        self.view.apply(tracking, [_insert(
+            "key_results", id=e.originator_id, objective_id=e.objective_id, title=e.title, kind=str(e.kind),
+            start=e.start, target=e.target, low=e.low, high=e.high, milestones=json.dumps(e.milestones),
+            unit=e.unit, weight=e.weight, owner_id=e.owner_id, current=None, current_valid_on=None,
+            confidence=None, score=None, forecast_value=None, forecast_score=None, check_in_count=0,
+            correction_count=0, version=e.originator_version, created_at=e.timestamp, updated_at=e.timestamp)])
 
     @process_event.register
     def _(self, e: KeyResult.Progressed, tracking: Tracking) -> None:
-        rows = self.view.query("SELECT * FROM {schema}.key_results WHERE id = %s", (e.originator_id,))
-        statements = [(
-            "INSERT INTO {schema}.check_ins VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT DO NOTHING",
-            (e.originator_id, e.originator_version, e.value, e.confidence, e.note, e.valid_on,
-             e.timestamp, (getattr(e, "meta", None) or {}).get("actor", "unknown")),
-        )]
-        if rows:
-            kr = rows[0]
-            is_latest = kr["current_valid_on"] is None or e.valid_on >= kr["current_valid_on"]
-            current = e.value if is_latest else kr["current"]
-            measure = Measure(kr["kind"], kr["start"], kr["target"], kr["low"], kr["high"],
-                              tuple(float(m["weight"]) for m in kr["milestones"]))
-            statements.append((
-                "UPDATE {schema}.key_results SET current = %s, current_valid_on = %s, "
-                "confidence = %s, score = %s, check_in_count = check_in_count + 1, version = %s, "
-                "updated_at = %s WHERE id = %s",
-                (current, e.valid_on if is_latest else kr["current_valid_on"],
-                 e.confidence if is_latest else kr["confidence"], measure.score(current),
-                 e.originator_version, e.timestamp, e.originator_id),
-            ))
-        self.view.apply(tracking, statements)
+        def add(entries: dict[int, CheckIn]) -> None:
+            entries[e.originator_version] = CheckIn(e.originator_version, e.valid_on, e.value, e.confidence)
+
+        self.view.apply(tracking, [
+            _insert("check_ins", key_result_id=e.originator_id, version=e.originator_version, value=e.value,
+                    confidence=e.confidence, note=e.note, valid_on=e.valid_on, corrects_version=None,
+                    corrected_by=None, recorded_at=e.timestamp, actor=_actor(e)),
+            *self._key_result_changed(e, add, check_ins=1),
+        ])
+
+    @process_event.register
+    def _(self, e: KeyResult.CheckInCorrected, tracking: Tracking) -> None:
+        def correct(entries: dict[int, CheckIn]) -> None:
+            entries[e.corrects_version] = CheckIn(e.corrects_version, e.valid_on, e.value, e.confidence)
+
+        self.view.apply(tracking, [
+            _insert("check_ins", key_result_id=e.originator_id, version=e.originator_version, value=e.value,
+                    confidence=e.confidence, note=e.note, valid_on=e.valid_on, corrects_version=e.corrects_version,
+                    corrected_by=None, recorded_at=e.timestamp, actor=_actor(e)),
+            ("UPDATE {schema}.check_ins SET corrected_by = %s WHERE key_result_id = %s AND version = %s",
+             (e.originator_version, e.originator_id, e.corrects_version)),
+            *self._key_result_changed(e, correct, corrections=1),
+        ])
+
+    @process_event.register
+    def _(self, e: KeyResult.Revised, tracking: Tracking) -> None:
+        self.view.apply(tracking, self._key_result_changed(
+            e, title=e.title, unit=e.unit, weight=e.weight, owner_id=e.owner_id, start=e.start,
+            target=e.target, low=e.low, high=e.high, milestones=json.dumps(e.milestones)))
+
+    @process_event.register
+    def _(self, e: KeyResult.MovedToObjective, tracking: Tracking) -> None:
+        self.view.apply(tracking, self._key_result_changed(e, objective_id=e.objective_id))
+
+    def _key_result_changed(
+        self, e: Any, change: Callable[[dict[int, CheckIn]], None] | None = None, *,
+        check_ins: int = 0, corrections: int = 0, **columns: Any,
+    ) -> list[Statement]:
+        """The key result's row after the event: its changed columns, and its current value,
+        confidence, score and forecast recomputed with the domain's rules from its check-ins as
+        they stand after corrections (plus `change`, this event's, not yet written)."""
+        rows = self.view.query(
+            "SELECT k.*, c.ends_on FROM {schema}.key_results k "
+            "LEFT JOIN {schema}.objectives o ON o.id = COALESCE(%s, k.objective_id) "
+            "LEFT JOIN {schema}.cycles c ON c.id = o.cycle_id WHERE k.id = %s",
+            (columns.get("objective_id"), e.originator_id))
+        if not rows:
+            return []
+        kr = {**rows[0], **columns}
+        entries = {r["version"]: CheckIn(r["version"], r["valid_on"], r["value"], r["confidence"])
+                   for r in self.view.query(
+                       "SELECT o.version, COALESCE(c.valid_on, o.valid_on) AS valid_on, "
+                       "COALESCE(c.value, o.value) AS value, "
+                       "CASE WHEN c.version IS NULL THEN o.confidence ELSE c.confidence END AS confidence "
+                       "FROM {schema}.check_ins o LEFT JOIN {schema}.check_ins c "
+                       "ON c.key_result_id = o.key_result_id AND c.version = o.corrected_by "
+                       "WHERE o.key_result_id = %s AND o.corrects_version IS NULL", (e.originator_id,))}
+        if change is not None:
+            change(entries)
+        ordered = in_valid_order(entries.values())
+        latest = ordered[-1] if ordered else None
+        milestones = kr["milestones"] if isinstance(kr["milestones"], list) else json.loads(kr["milestones"])
+        measure = Measure(kr["kind"], kr["start"], kr["target"], kr["low"], kr["high"],
+                          tuple(float(m["weight"]) for m in milestones))
+        projected, projected_score = forecast(measure, ordered, kr["ends_on"]) if kr["ends_on"] else (None, None)
+        current = latest.value if latest else None
+        return [
+            _set("key_results", e, **columns, current=current,
+                 current_valid_on=latest.valid_on if latest else None,
+                 confidence=latest.confidence if latest else None, score=measure.score(current),
+                 forecast_value=projected, forecast_score=projected_score),
+            ("UPDATE {schema}.key_results SET check_in_count = check_in_count + %s, "
+             "correction_count = correction_count + %s WHERE id = %s", (check_ins, corrections, e.originator_id)),
+        ]
+
+
+def _actor(e: Any) -> str:
+    return (getattr(e, "meta", None) or {}).get("actor", "unknown")
+
+
+def handled_event_types() -> Sequence[type]:
+    """The event classes the projection has a handler of its own for (the rest only move its
+    position); a test checks that every goals event is among them."""
+    registry = GoalsProjection.__dict__["process_event"].dispatcher.registry
+    return [t for t in registry if t is not object]
 
 
 GOALS_PROJECTIONS = [

@@ -85,7 +85,7 @@ def test_rest_writes_reach_graphql(stack: Stack, admin: dict[str, str], demo_pos
     metrics = httpx.Client(base_url=stack.url("metrics"), headers=admin, timeout=30)
     units = goals.get("/v1/units", headers={"Tandem-Wait-For": f"goals={demo_positions['goals']}"}).json()["items"]
     support = next(u for u in units if u["name"] == "Customer Support")
-    cycle = goals.get("/v1/cycles").json()[0]
+    cycle = goals.get("/v1/cycles").json()["items"][0]
 
     team = goals.post("/v1/units", json={"name": "Tier 2", "kind": "team", "parentId": support["id"]}).json()
     objective = goals.post("/v1/objectives", json={
