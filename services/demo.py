@@ -47,10 +47,24 @@ class Loader:
     def unit(self, name: str, kind: str, parent: str | None = None) -> str:
         return self._post(self.goals, "goals", "/v1/units", {"name": name, "kind": kind, "parentId": parent})
 
-    def objective(self, title: str, unit: str, cycle: str, parent: str | None = None) -> str:
+    def person(self, name: str, unit: str, manager: str | None = None) -> str:
+        email = name.lower().replace(" ", ".") + "@acme.example"
+        return self._post(self.goals, "goals", "/v1/people",
+                          {"name": name, "email": email, "unitId": unit, "managerId": manager,
+                           "joinedOn": "2024-01-08"})
+
+    def objective(self, title: str, unit: str, cycle: str, parent: str | None = None,
+                  owner: tuple[str, str] | None = None) -> str:
+        kind, owner_id = owner or ("unit", unit)
         return self._post(self.goals, "goals", "/v1/objectives", {
-            "title": title, "owner": {"kind": "unit", "id": unit}, "unitId": unit, "cycleId": cycle,
+            "title": title, "owner": {"kind": kind, "id": owner_id}, "unitId": unit, "cycleId": cycle,
             "parentId": parent})
+
+    def contribute(self, objective: str, to: str, weight: float) -> None:
+        r = self.goals.put(f"/v1/objectives/{objective}/contributions/{to}", json={"weight": weight})
+        if r.status_code >= 300:
+            raise RuntimeError(f"demo load failed at contribution: {r.status_code} {r.text}")
+        self.positions["goals"] = max(self.positions["goals"], r.json()["position"])
 
     def key_result(self, objective: str, title: str, check_ins: list[tuple[float, int, str]], **measure: Any) -> str:
         kr = self._post(self.goals, "goals", f"/v1/objectives/{objective}/key-results", {"title": title, **measure})
@@ -73,21 +87,34 @@ class Loader:
 def load(goals_url: str, metrics_url: str, token: str) -> dict[str, int]:
     """Create the demo organisation; returns the log positions of the last writes."""
     d = Loader(goals_url, metrics_url, token)
-    name, starts, ends = current_quarter(date.today())
-    cycle = d._post(d.goals, "goals", "/v1/cycles",
-                    {"name": name, "startsOn": starts.isoformat(), "endsOn": ends.isoformat(), "status": "active"})
+    today = date.today()
+    name, starts, ends = current_quarter(today)
+    year = d._post(d.goals, "goals", "/v1/cycles", {
+        "name": str(today.year), "kind": "year", "startsOn": date(today.year, 1, 1).isoformat(),
+        "endsOn": date(today.year, 12, 31).isoformat(), "status": "active"})
+    cycle = d._post(d.goals, "goals", "/v1/cycles", {
+        "name": name, "kind": "quarter", "parentId": year, "startsOn": starts.isoformat(),
+        "endsOn": ends.isoformat(), "status": "active"})
 
     acme = d.unit("Acme", "company")
     sales = d.unit("Sales", "department", acme)
     support = d.unit("Customer Support", "department", acme)
     people = d.unit("People", "department", acme)
+    tier1 = d.unit("Tier 1", "team", support)
 
-    company = d.objective("Become the company customers recommend first", acme, cycle)
+    ceo = d.person("Ada Lovelace", acme)
+    head_of_support = d.person("Grace Hopper", support, ceo)
+    d.person("Alan Turing", tier1, head_of_support)
+    d.person("Katherine Johnson", people, ceo)
+    d.person("Edsger Dijkstra", sales, ceo)
 
-    o_support = d.objective("Deliver exceptional customer support by the end of Q3", support, cycle, company)
+    company = d.objective("Become the company customers recommend first", acme, cycle, owner=("person", ceo))
+
+    o_support = d.objective("Deliver exceptional customer support by the end of Q3", support, cycle, company,
+                            owner=("person", head_of_support))
     d.key_result(o_support, "Reduce average response time from 8 hours to under 3 hours",
                  [(6.5, 6, "New triage rota live"), (5.5, 7, "Macros for the top ten questions")],
-                 kind="decrease_to", start=8, target=3, unit="h")
+                 kind="decrease_to", start=8, target=3, unit="h", weight=2)
     d.key_result(o_support, "Achieve a CSAT score of 90%+ on resolved tickets",
                  [(86, 6, "Survey on every resolved ticket")],
                  kind="increase_to", start=82, target=90, unit="%")
@@ -98,6 +125,13 @@ def load(goals_url: str, metrics_url: str, token: str) -> dict[str, int]:
           cadence="daily", target=3, rules=[{"kind": "above", "threshold": 6, "recovery": 5.5, "severity": "warning"}])
     d.kpi("CSAT", support, [91, 92, 88], unit="%", direction="higher_is_better", cadence="weekly", target=90,
           rules=[{"kind": "below", "threshold": 90, "severity": "critical"}])
+
+    o_tier1 = d.objective("Make first contact resolve the problem", tier1, cycle, o_support)
+    d.key_result(o_tier1, "Keep tickets reopened within 7 days below 5%", [(4.2, 7, "Reopen rate this week")],
+                 kind="stay_below", target=5, unit="%")
+    d.key_result(o_tier1, "Keep first-contact resolution between 70% and 85%", [(68, 5, "Just under the band")],
+                 kind="stay_within", low=70, high=85, unit="%")
+    d.key_result(o_tier1, "Publish the new troubleshooting guide", [(1, 9, "Published")], kind="done")
 
     o_people = d.objective("Improve employee engagement", people, cycle, company)
     d.key_result(o_people, "Increase eNPS from 45 to 65", [(52, 5, "Pulse survey")],
@@ -111,6 +145,8 @@ def load(goals_url: str, metrics_url: str, token: str) -> dict[str, int]:
           cadence="monthly", target=10, rules=[{"kind": "above", "threshold": 15, "severity": "warning"}])
 
     o_sales = d.objective("Improve sales performance", sales, cycle, company)
+    # Customers who are well looked after buy again: support counts for half in sales' roll-up.
+    d.contribute(o_support, o_sales, 0.5)
     d.key_result(o_sales, "Increase total sales revenue by 25% in Q3", [(4_400_000, 6, "Two enterprise deals closed")],
                  kind="increase_to", start=4_000_000, target=5_000_000, unit="USD")
     d.kpi("Monthly sales revenue", sales, [1_350_000, 1_410_000], unit="USD", direction="higher_is_better",

@@ -24,7 +24,7 @@ query {
   organization {
     name kind
     children {
-      name kind
+      name kind children { name }
       objectives { title score rolledUpScore band keyResults { title score current confidence } }
       kpis { name state latestValue }
     }
@@ -60,6 +60,7 @@ def test_demo_organisation_shows_in_graphql(stack: Stack, admin: dict[str, str],
     assert set(departments) == {"Sales", "Customer Support", "People"}
 
     support = departments["Customer Support"]
+    assert [t["name"] for t in support["children"]] == ["Tier 1"]
     [objective] = support["objectives"]
     assert objective["title"] == "Deliver exceptional customer support by the end of Q3"
     krs = {kr["title"]: kr for kr in objective["keyResults"]}
@@ -67,17 +68,23 @@ def test_demo_organisation_shows_in_graphql(stack: Stack, admin: dict[str, str],
     assert krs["Reduce average response time from 8 hours to under 3 hours"]["score"] == pytest.approx(0.5)
     assert krs["Achieve a CSAT score of 90%+ on resolved tickets"]["score"] == pytest.approx(0.5)
     assert krs["Train 100% of the support team in the new response protocols"]["score"] == pytest.approx(0.6)
-    assert objective["score"] == pytest.approx((0.5 + 0.5 + 0.6) / 3)
+    assert objective["score"] == pytest.approx((0.5 * 2 + 0.5 + 0.6) / 4)  # response time weighs 2
+    # Tier 1's objective aligns to it: stay_below 5 at 4.2 = 1, stay_within 70-85 at 68 = 0, done = 1
+    tier1 = 2 / 3
+    support_rolled = (0.5 * 2 + 0.5 + 0.6 + tier1) / 5
+    assert objective["rolledUpScore"] == pytest.approx(support_rolled)
     kpis = {k["name"]: k for k in support["kpis"]}
     assert kpis["CSAT"]["state"] == "breached" and kpis["CSAT"]["latestValue"] == 88
     assert kpis["Average response time"]["state"] == "ok"  # breached at 7.2, recovered at 5.2
 
-    # The company objective rolls up the three department objectives (weight 1 each).
+    # The company objective rolls up the three department objectives (weight 1 each); support
+    # also contributes to sales with weight 0.5.
     people = (0.35 + 0.8 + 0.5) / 3  # eNPS 45->65 at 52; survey 0->90 at 72; 1 of 2 milestones
-    sales = 0.4  # revenue 4.0M -> 5.0M at 4.4M
+    sales = (0.4 + 0.5 * support_rolled) / 1.5  # revenue 4.0M -> 5.0M at 4.4M, plus support's half
+    assert departments["Sales"]["objectives"][0]["rolledUpScore"] == pytest.approx(sales)
     [company] = org["objectives"]
     assert company["score"] is None
-    assert company["rolledUpScore"] == pytest.approx(((0.5 + 0.5 + 0.6) / 3 + people + sales) / 3)
+    assert company["rolledUpScore"] == pytest.approx((support_rolled + people + sales) / 3)
 
 
 def test_rest_writes_reach_graphql(stack: Stack, admin: dict[str, str], demo_positions: dict[str, int]) -> None:
@@ -145,3 +152,26 @@ def test_no_token_is_401_everywhere(stack: Stack) -> None:
         assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json"
     r = httpx.post(stack.url("gateway") + "/graphql", json={"query": "{ organization { name } }"})
     assert r.status_code == 401
+
+
+def test_goals_and_gateway_agree_on_every_score(stack: Stack, admin: dict[str, str],
+                                                demo_positions: dict[str, int]) -> None:
+    """The rules of DESIGN.md are kept twice (goals and gateway share a contract, not code):
+    both give the same score and rolled-up score for every demo objective."""
+    wait = {"Tandem-Wait-For": f"goals={demo_positions['goals']}"}
+    rest = httpx.get(f"{stack.url('goals')}/v1/objectives?limit=200", headers={**admin, **wait}, timeout=30).json()
+    graph = graphql(stack, admin, "{ organization { objectives { id score rolledUpScore "
+                                  "children { id score rolledUpScore children { id score rolledUpScore } } } } }",
+                    demo_positions)["organization"]["objectives"]
+    seen: dict[str, tuple[float | None, float | None]] = {}
+
+    def walk(objectives: list[dict[str, Any]]) -> None:
+        for o in objectives:
+            seen[o["id"]] = (o["score"], o["rolledUpScore"])
+            walk(o.get("children") or [])
+
+    walk(graph)
+    assert len(seen) >= 4
+    for o in rest["items"]:
+        if o["id"] in seen:
+            assert (o["score"], o["rolledUpScore"]) == pytest.approx(seen[o["id"]]), o["title"]
