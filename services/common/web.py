@@ -35,6 +35,7 @@ from services.common.telemetry import current_trace_id, setup_telemetry, shutdow
 log = logging.getLogger(__name__)
 
 POSITION_HEADER = "Tandem-Position"
+READ_POSITION_HEADER = "Tandem-Read-Position"
 WAIT_HEADER = "Tandem-Wait-For"
 CORRELATION_HEADER = "X-Correlation-ID"
 
@@ -64,10 +65,14 @@ class TrackedLog:
     events_table: str
     tracking_table: str
     application_name: str
+    feeds: str | None = None
+    """The service's own log, when what follows this log is a policy that writes there (goals
+    appends KeyResultProgressed for KPI measurements): a wait for this log then also waits for
+    the read model to catch up with what the policy wrote."""
 
     @classmethod
-    def of(cls, name: str, spec: ProjectionSpec) -> TrackedLog:
-        return cls(name, spec.events_table, spec.tracking_table, spec.application_class.name)
+    def of(cls, name: str, spec: ProjectionSpec, feeds: str | None = None) -> TrackedLog:
+        return cls(name, spec.events_table, spec.tracking_table, spec.application_class.name, feeds)
 
 
 # The event logs of Tandem, by the names positions use.
@@ -191,29 +196,40 @@ async def wait_for_read_model(
                description="Log positions to wait for before reading, as writes report them in "
                            "Tandem-Position, e.g. 'goals=42, metrics=7'."),
     ] = None,
+    response: Response = None,  # type: ignore[assignment] - FastAPI passes it; direct callers need not
 ) -> None:
     """Read-your-writes: hold the read until the read model has caught up. A position in a log
-    this service's read model does not follow is already reflected (nothing in it can change)."""
-    wanted = parse_positions(wait_for)
-    if not wanted:
-        return
+    this service's read model does not follow is already reflected (nothing in it can change).
+
+    The answer says in `Tandem-Read-Position` which positions the read reflects at least, so a
+    client can carry them on to another service (`Tandem-Wait-For` there)."""
     logs: dict[str, TrackedLog] = request.app.state.tracked_logs
-    settings: ServiceSettings = request.app.state.settings
-    for name, position in wanted.items():
+    pool: asyncpg.Pool = request.app.state.pool
+    for name, position in parse_positions(wait_for).items():
         tracked = logs.get(name)
         if tracked is None:
             continue
-        head = await database.log_head(request.app.state.pool, tracked.events_table)
-        if position > head:
-            raise Problem(422, "Invalid request", f"The {name} log has no position {position} (its last is "
-                          f"{head}); wait only for positions that writes reported.", kind="no-such-position")
-        reached = await database.wait_for_position(
-            request.app.state.pool, tracked.tracking_table, tracked.application_name, position,
-            settings.read_wait_timeout_seconds)
-        if not reached:
-            raise Problem(504, "Gateway Timeout",
-                          f"The read model has not reached {name}={position} yet; retry.",
-                          kind="read-model-behind", headers={"Retry-After": "1"})
+        await _wait_for(pool, request.app.state.settings, tracked, position)
+        if tracked.feeds in logs:  # then also what the policy wrote into our own log
+            own = logs[tracked.feeds]
+            await _wait_for(pool, request.app.state.settings, own, await database.log_head(pool, own.events_table))
+    if response is not None and logs:
+        reflected = [format_position(t.name, await database.tracking_position(pool, t.tracking_table,
+                                                                             t.application_name))
+                     for t in logs.values()]
+        response.headers[READ_POSITION_HEADER] = ", ".join(reflected)
+
+
+async def _wait_for(pool: asyncpg.Pool, settings: ServiceSettings, tracked: TrackedLog, position: int) -> None:
+    head = await database.log_head(pool, tracked.events_table)
+    if position > head:
+        raise Problem(422, "Invalid request", f"The {tracked.name} log has no position {position} (its last "
+                      f"is {head}); wait only for positions that writes reported.", kind="no-such-position")
+    reached = await database.wait_for_position(pool, tracked.tracking_table, tracked.application_name,
+                                               position, settings.read_wait_timeout_seconds)
+    if not reached:
+        raise Problem(504, "Gateway Timeout", f"The read model has not reached {tracked.name}={position} yet; retry.",
+                      kind="read-model-behind", headers={"Retry-After": "1"})
 
 
 ReadYourWrites = Annotated[None, Depends(wait_for_read_model)]

@@ -3,10 +3,17 @@
 Written only by `MetricsProjection`, one event per transaction together with its tracking
 position; dropped and replayed it gives the same rows.
 
-Each KPI row keeps its rules as JSON with, per rule, `consecutive` (violating measurements in a
-row, counted from `KPIMeasured` with the domain's own rule check) and `state`. Whether a rule is
-breached comes from the log (`KPIThresholdBreached` / `KPIRecovered`), never re-decided here;
-`pending` (violated, not yet fired) is not an event at all and is derived from the count.
+- `kpis`: one row per KPI with its rules as JSON, each with its `state`. Whether a rule is
+  breached comes from the log (`KPIThresholdBreached` / `KPIRecovered`), never re-decided here;
+  `pending` (violated, not yet fired) is not an event at all: a rule not breached whose latest
+  value (by valid time) violates it is pending. Staleness comes from `KPIStale` / `KPIFreshened`.
+- `measurements`: one row per measurement with its current value; `measurement_corrections`
+  keeps every earlier value with who changed it, when and why.
+- `kpi_targets`: every `KPITargetChanged`; the target defined with the KPI is `kpis.target`
+  and holds from the start, until the change with the latest `effective_from` on or before a day.
+
+Tables created before a column existed get it from `ALTER TABLE ... ADD COLUMN IF NOT EXISTS`
+(with the value every earlier event implies), and inserts name their columns.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from eventsourcing.projection import Projection
 
 from services.common.projections import ProjectionSpec, ReadModel, Statement
 from services.metrics.application import Metrics
-from services.metrics.domain import KPI, RuleState, ThresholdRule, kpi_state, next_consecutive, rule_state
+from services.metrics.domain import KPI, RuleState, ThresholdRule, kpi_state, rule_state
 
 
 class MetricsReadModel(ReadModel):
@@ -30,7 +37,11 @@ class MetricsReadModel(ReadModel):
             owner_id uuid, unit_id uuid, direction text NOT NULL, cadence text NOT NULL,
             target double precision, state text NOT NULL, latest_value double precision,
             latest_measured_at timestamptz, rules jsonb NOT NULL, measurement_count integer NOT NULL,
-            version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
+            version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,
+            stale boolean NOT NULL DEFAULT false, stale_expected_by timestamptz, created_by text)""",
+        "ALTER TABLE {schema}.kpis ADD COLUMN IF NOT EXISTS stale boolean NOT NULL DEFAULT false",
+        "ALTER TABLE {schema}.kpis ADD COLUMN IF NOT EXISTS stale_expected_by timestamptz",
+        "ALTER TABLE {schema}.kpis ADD COLUMN IF NOT EXISTS created_by text",
         "CREATE INDEX IF NOT EXISTS kpis_created ON {schema}.kpis (created_at, id)",
         "CREATE INDEX IF NOT EXISTS kpis_unit ON {schema}.kpis (unit_id)",
         """CREATE TABLE IF NOT EXISTS {schema}.measurements (
@@ -39,13 +50,38 @@ class MetricsReadModel(ReadModel):
             recorded_at timestamptz NOT NULL, actor text NOT NULL,
             PRIMARY KEY (kpi_id, version))""",
         "CREATE INDEX IF NOT EXISTS measurements_newest ON {schema}.measurements (kpi_id, measured_at DESC)",
+        """CREATE TABLE IF NOT EXISTS {schema}.measurement_corrections (
+            kpi_id uuid NOT NULL, version bigint NOT NULL, measurement_id uuid NOT NULL,
+            value double precision NOT NULL, previous_value double precision NOT NULL, reason text NOT NULL,
+            recorded_at timestamptz NOT NULL, actor text NOT NULL, PRIMARY KEY (kpi_id, version))""",
+        "CREATE INDEX IF NOT EXISTS measurement_corrections_of ON {schema}.measurement_corrections (measurement_id)",
+        """CREATE TABLE IF NOT EXISTS {schema}.kpi_targets (
+            kpi_id uuid NOT NULL, version bigint NOT NULL, target double precision NOT NULL,
+            effective_from date NOT NULL, reason text NOT NULL, recorded_at timestamptz NOT NULL,
+            actor text NOT NULL, PRIMARY KEY (kpi_id, version))""",
     )
 
 
-def _update_kpi(e: Any, rules: list[dict[str, Any]], has_data: bool, extra_sql: str = "",
+def _actor(e: Any) -> str:
+    return (getattr(e, "meta", None) or {}).get("actor", "unknown")
+
+
+def rule_states(rules: list[dict[str, Any]], latest_value: float | None) -> list[dict[str, Any]]:
+    """Each rule with its state: breached as the log says; otherwise pending if the latest value
+    violates it, else ok. (Counts of an older version of this read model are dropped.)"""
+    out = []
+    for r in rules:
+        rule = {k: v for k, v in r.items() if k not in ("state", "consecutive")}
+        breached = r.get("state") == RuleState.breached.value
+        violates = latest_value is not None and ThresholdRule.from_dict(rule).violated_by(latest_value)
+        out.append({**rule, "state": rule_state(breached, violates).value})
+    return out
+
+
+def _update_kpi(e: Any, rules: list[dict[str, Any]], has_data: bool, stale: bool, extra_sql: str = "",
                 extra_params: tuple[Any, ...] = ()) -> Statement:
     """Write the rules back with the KPI's overall state, version and time of change."""
-    state = kpi_state((r["state"] for r in rules), has_data)
+    state = kpi_state((r["state"] for r in rules), has_data, stale)
     return (
         f"UPDATE {{schema}}.kpis SET rules = %s::jsonb, state = %s, version = %s, updated_at = %s{extra_sql} "
         "WHERE id = %s",
@@ -62,60 +98,124 @@ class MetricsProjection(Projection[MetricsReadModel]):
         self.view.apply(tracking)
 
     def _kpi(self, kpi_id: Any) -> dict[str, Any] | None:
-        rows = self.view.query("SELECT * FROM {schema}.kpis WHERE id = %s", (kpi_id,))
+        rows = self.view.query("SELECT rules, latest_value, latest_measured_at, measurement_count, stale "
+                               "FROM {schema}.kpis WHERE id = %s", (kpi_id,))
         return rows[0] if rows else None
+
+    def _restate(self, e: Any, tracking: Tracking, change: Any = None, statements: list[Statement] | None = None,
+                 extra_sql: str = "", extra_params: tuple[Any, ...] = (), stale: bool | None = None) -> None:
+        """Apply the statements and write the KPI's rules and state back after `change(rules)`."""
+        statements = list(statements or [])
+        kpi = self._kpi(e.originator_id)
+        if kpi is not None:
+            rules = kpi["rules"]
+            if change is not None:
+                rules = change(rules)
+            rules = rule_states(rules, kpi["latest_value"])
+            statements.append(_update_kpi(e, rules, kpi["measurement_count"] > 0,
+                                          kpi["stale"] if stale is None else stale, extra_sql, extra_params))
+        self.view.apply(tracking, statements)
 
     @process_event.register
     def _(self, e: KPI.Defined, tracking: Tracking) -> None:
-        rules = [{**r, "state": RuleState.ok.value, "consecutive": 0} for r in e.rules]
+        rules = [{**ThresholdRule.from_dict(r).as_dict(), "state": RuleState.ok.value} for r in e.rules]
         self.view.apply(tracking, [(
-            "INSERT INTO {schema}.kpis VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'no_data', NULL, NULL, "
-            "%s::jsonb, 0, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO {schema}.kpis (id, name, description, unit, owner_id, unit_id, direction, cadence, "
+            "target, state, latest_value, latest_measured_at, rules, measurement_count, version, created_at, "
+            "updated_at, stale, stale_expected_by, created_by) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'no_data', NULL, NULL, %s::jsonb, 0, %s, %s, %s, "
+            "false, NULL, %s) ON CONFLICT (id) DO NOTHING",
             (e.originator_id, e.name, e.description, e.unit, e.owner_id, e.unit_id, e.direction,
-             e.cadence, e.target, json.dumps(rules), e.originator_version, e.timestamp, e.timestamp),
+             e.cadence, e.target, json.dumps(rules), e.originator_version, e.timestamp, e.timestamp, _actor(e)),
         )])
 
     @process_event.register
     def _(self, e: KPI.Measured, tracking: Tracking) -> None:
-        statements: list[Statement] = [(
-            "INSERT INTO {schema}.measurements VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (e.originator_id, e.originator_version, e.measurement_id, e.value, e.measured_at, e.source,
-             e.timestamp, (getattr(e, "meta", None) or {}).get("actor", "unknown")),
-        )]
         kpi = self._kpi(e.originator_id)
-        if kpi is not None:
-            rules = kpi["rules"]
-            latest = kpi["latest_measured_at"]
-            is_latest = latest is None or e.measured_at >= latest
-            if is_latest:  # an older measurement is history only, as in the domain
-                for r in rules:
-                    r["consecutive"] = next_consecutive(ThresholdRule.from_dict(r), r["consecutive"], e.value)
-                    r["state"] = rule_state(r["state"] == RuleState.breached.value, r["consecutive"]).value
-            statements.append(_update_kpi(
-                e, rules, True,
-                ", latest_value = %s, latest_measured_at = %s, measurement_count = measurement_count + 1",
-                (e.value if is_latest else kpi["latest_value"], e.measured_at if is_latest else latest),
-            ))
+        insert = (
+            "INSERT INTO {schema}.measurements (kpi_id, version, measurement_id, value, measured_at, source, "
+            "recorded_at, actor) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING")
+        params: tuple[Any, ...] = (e.originator_id, e.originator_version, e.measurement_id, e.value, e.measured_at,
+                                   e.source, e.timestamp, _actor(e))
+        if kpi is None:
+            self.view.apply(tracking, [(insert, params)])
+            return
+        latest = kpi["latest_measured_at"]
+        is_latest = latest is None or e.measured_at >= latest  # later arrival wins a tie, as in the domain
+        latest_value = e.value if is_latest else kpi["latest_value"]
+        rules = rule_states(kpi["rules"], latest_value)
+        state = kpi_state((r["state"] for r in rules), True, kpi["stale"])
+        # One round trip for both: a measurement and its KPI's new state.
+        self.view.apply(tracking, [(
+            f"WITH m AS ({insert}) "
+            "UPDATE {schema}.kpis SET rules = %s::jsonb, state = %s, version = %s, updated_at = %s, "
+            "latest_value = %s, latest_measured_at = %s, measurement_count = measurement_count + 1 WHERE id = %s",
+            (*params, json.dumps(rules), state.value, e.originator_version, e.timestamp, latest_value,
+             e.measured_at if is_latest else latest, e.originator_id),
+        )])
+
+    @process_event.register
+    def _(self, e: KPI.MeasurementCorrected, tracking: Tracking) -> None:
+        statements: list[Statement] = [
+            ("INSERT INTO {schema}.measurement_corrections (kpi_id, version, measurement_id, value, previous_value, "
+             "reason, recorded_at, actor) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+             (e.originator_id, e.originator_version, e.measurement_id, e.value, e.previous_value, e.reason,
+              e.timestamp, _actor(e))),
+            ("UPDATE {schema}.measurements SET value = %s WHERE measurement_id = %s", (e.value, e.measurement_id)),
+        ]
+        newest = self.view.query("SELECT measurement_id FROM {schema}.measurements WHERE kpi_id = %s "
+                                 "ORDER BY measured_at DESC, version DESC LIMIT 1", (e.originator_id,))
+        kpi = self._kpi(e.originator_id)
+        if kpi is None:
+            self.view.apply(tracking, statements)
+            return
+        latest_value = e.value if newest and newest[0]["measurement_id"] == e.measurement_id else kpi["latest_value"]
+        rules = rule_states(kpi["rules"], latest_value)
+        statements.append(_update_kpi(e, rules, True, kpi["stale"], ", latest_value = %s", (latest_value,)))
         self.view.apply(tracking, statements)
 
     @process_event.register
     def _(self, e: KPI.ThresholdBreached, tracking: Tracking) -> None:
-        self._set_breached(e, True, tracking)
+        self._restate(e, tracking, _set_state(e.rule_id, RuleState.breached))
 
     @process_event.register
     def _(self, e: KPI.Recovered, tracking: Tracking) -> None:
-        self._set_breached(e, False, tracking)
+        self._restate(e, tracking, _set_state(e.rule_id, RuleState.ok))
 
-    def _set_breached(self, e: Any, breached: bool, tracking: Tracking) -> None:
-        kpi = self._kpi(e.originator_id)
-        statements: list[Statement] = []
-        if kpi is not None:
-            rules = kpi["rules"]
-            for r in rules:
-                if r["id"] == e.rule_id:
-                    r["state"] = rule_state(breached, r["consecutive"]).value
-            statements.append(_update_kpi(e, rules, kpi["measurement_count"] > 0))
-        self.view.apply(tracking, statements)
+    @process_event.register
+    def _(self, e: KPI.Stale, tracking: Tracking) -> None:
+        self._restate(e, tracking, stale=True, extra_sql=", stale = true, stale_expected_by = %s",
+                      extra_params=(e.expected_by,))
+
+    @process_event.register
+    def _(self, e: KPI.Freshened, tracking: Tracking) -> None:
+        self._restate(e, tracking, stale=False, extra_sql=", stale = false, stale_expected_by = NULL")
+
+    @process_event.register
+    def _(self, e: KPI.TargetChanged, tracking: Tracking) -> None:
+        self._restate(e, tracking, statements=[(
+            "INSERT INTO {schema}.kpi_targets (kpi_id, version, target, effective_from, reason, recorded_at, actor) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (e.originator_id, e.originator_version, e.target, e.effective_from, e.reason, e.timestamp, _actor(e)))])
+
+    @process_event.register
+    def _(self, e: KPI.RulesRevised, tracking: Tracking) -> None:
+        def revise(old: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            # A rule that stays (by id) keeps its breach; the metrics service recovers a withdrawn
+            # breached rule before revising, and announces whatever the new rules imply after.
+            breached = {r["id"] for r in old if r.get("state") == RuleState.breached.value}
+            return [{**ThresholdRule.from_dict(r).as_dict(),
+                     "state": RuleState.breached.value if r["id"] in breached else RuleState.ok.value}
+                    for r in e.rules]
+
+        self._restate(e, tracking, revise)
+
+
+def _set_state(rule_id: str, state: RuleState) -> Any:
+    def change(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**r, "state": state.value} if r["id"] == rule_id else r for r in rules]
+
+    return change
 
 
 METRICS_PROJECTIONS = [

@@ -8,7 +8,7 @@ gateway's projection follows both logs into PostgreSQL and the GraphQL reads wai
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -18,9 +18,12 @@ import pytest
 from services.common.database import create_pool
 from services.gateway.api import create_app as create_gateway
 from services.gateway.application import Alignment
+from services.gateway.settings import GatewaySettings
 from services.goals.api import create_app as create_goals
+from services.goals.settings import GoalsSettings
 from services.metrics.api import create_app as create_metrics
-from tests.conftest import serve_in_process
+from services.metrics.settings import MetricsSettings
+from tests.conftest import fresh_database, serve_in_process
 
 Headers = Callable[..., dict[str, str]]
 
@@ -76,20 +79,29 @@ class Org:
 
 
 @pytest.fixture(scope="module")
-async def goals() -> AsyncIterator[httpx.AsyncClient]:
-    async for client in serve_in_process(create_goals()):
+def own_database() -> Iterator[str]:
+    """A database of this module's own: `organization` is the first company created, so no
+    other module's companies may be in it."""
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+async def goals(own_database: str) -> AsyncIterator[httpx.AsyncClient]:
+    async for client in serve_in_process(create_goals(GoalsSettings(DATABASE_URL=own_database))):
         yield client
 
 
 @pytest.fixture(scope="module")
-async def metrics() -> AsyncIterator[httpx.AsyncClient]:
-    async for client in serve_in_process(create_metrics()):
+async def metrics(own_database: str) -> AsyncIterator[httpx.AsyncClient]:
+    async for client in serve_in_process(create_metrics(MetricsSettings(DATABASE_URL=own_database))):
         yield client
 
 
 @pytest.fixture(scope="module")
-async def gateway(goals: httpx.AsyncClient, metrics: httpx.AsyncClient) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in serve_in_process(create_gateway()):
+async def gateway(own_database: str, goals: httpx.AsyncClient,
+                  metrics: httpx.AsyncClient) -> AsyncIterator[httpx.AsyncClient]:
+    async for client in serve_in_process(create_gateway(GatewaySettings(DATABASE_URL=own_database))):
         yield client
 
 
@@ -196,8 +208,8 @@ async def test_bad_ids_and_over_deep_queries_are_refused(
 
 
 async def test_a_subtree_loads_in_a_fixed_number_of_round_trips(
-        gateway: httpx.AsyncClient, org: Org, auth: Headers, database_url: str) -> None:
-    pool = await create_pool(database_url, "gateway")
+        gateway: httpx.AsyncClient, org: Org, auth: Headers, own_database: str) -> None:
+    pool = await create_pool(own_database, "gateway")
     try:
         await graphql(gateway, auth(), "{ organization { name } }", wait=f"goals={org.position}")
         small = Alignment(pool)
