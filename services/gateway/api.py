@@ -26,6 +26,7 @@ from strawberry.types import Info
 
 from services.common.auth import READERS, Principal, authenticate, require
 from services.common.web import WAIT_HEADER, TrackedLog, create_service_app, wait_for_read_model
+from services.gateway.application import KPI as LoadedKPI
 from services.gateway.application import Alignment
 from services.gateway.domain import band
 from services.gateway.projections import alignment_projections
@@ -130,9 +131,13 @@ class ThresholdRule:
     low: float | None
     high: float | None
     severity: str
-    pending_count: int
+    pending_count: int = strawberry.field(description="Consecutive violating measurements before it fires.")
+    pending_for: int = strawberry.field(
+        description="Seconds of valid time the violating measurements must span before it fires.")
     recovery: float | None
-    state: str = strawberry.field(description="ok, pending or breached.")
+    state: str = strawberry.field(
+        description="breached (from its breach until it recovers), pending (the latest value violates it, "
+                    "not yet fired) or ok.")
 
 
 @strawberry.type(description="An always-on metric of a unit, with its threshold rules.")
@@ -141,11 +146,28 @@ class KPI:
     name: str
     unit: str
     direction: str
-    target: float | None
-    state: str = strawberry.field(description="ok, pending, breached or no_data.")
-    latest_value: float | None
+    target: float | None = strawberry.field(
+        description="The target in force today (UTC): the change with the latest effective day on or before "
+                    "today, else the target the KPI was defined with.")
+    state: str = strawberry.field(
+        description="breached, stale, pending, ok or no_data: the first that holds (no_data: never measured).")
+    stale: bool = strawberry.field(description="No measurement came within the cadence (until one does).")
+    latest_value: float | None = strawberry.field(description="The value of the latest measurement by valid time.")
     latest_measured_at: datetime | None
     rules: list[ThresholdRule]
+
+    @classmethod
+    def of(cls, kpi: LoadedKPI) -> KPI:
+        k = kpi.row
+        latest = k["latest_value"]
+        return cls(
+            id=strawberry.ID(str(k["id"])), name=k["name"], unit=k["unit"], direction=k["direction"],
+            target=kpi.target, state=kpi.state, stale=k["stale"], latest_value=latest,
+            latest_measured_at=k["latest_measured_at"],
+            rules=[ThresholdRule(id=r.id, kind=r.kind, threshold=r.threshold, low=r.low, high=r.high,
+                                 severity=r.severity, pending_count=r.pending_count, pending_for=r.pending_for,
+                                 recovery=r.recovery, state=r.state(latest))
+                   for r in kpi.rules])
 
 
 @strawberry.type(description="An org unit: the company, a department or a team.")
@@ -183,16 +205,7 @@ class Unit:
 
     @strawberry.field
     def kpis(self, info: GraphInfo) -> list[KPI]:
-        alignment = info.context.alignment
-        return [KPI(
-            id=strawberry.ID(str(k["id"])), name=k["name"], unit=k["unit"], direction=k["direction"],
-            target=k["target"], state=k["state"], latest_value=k["latest_value"],
-            latest_measured_at=k["latest_measured_at"],
-            rules=[ThresholdRule(id=r["rule_id"], kind=r["kind"], threshold=r["threshold"], low=r["low"],
-                                 high=r["high"], severity=r["severity"], pending_count=r["pending_count"],
-                                 recovery=r["recovery"], state=r["state"])
-                   for r in alignment.rules[k["id"]]],
-        ) for k in alignment.kpis_of_unit[self.uuid]]
+        return [KPI.of(k) for k in info.context.alignment.kpis_of_unit[self.uuid]]
 
 
 @strawberry.type

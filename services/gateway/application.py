@@ -5,18 +5,29 @@ would cost one SQL round trip per node. Instead `Alignment` (one per request) lo
 unit subtree in a fixed number of round trips (the units by a recursive CTE, then one
 `= ANY($1)` query per kind of child) and the resolvers walk the rows in memory. Objectives
 aligned to a loaded objective are always loaded too, wherever their unit is, so that
-rolledUpScore is exact for every objective shown.
+rolledUpScore is exact for every objective shown. A KPI's state and the target in force are
+worked out from the read model's facts as the request reads them, on one `today` (UTC) per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from uuid import UUID
 
 import asyncpg
 
-from services.gateway.domain import Measure, ObjectiveNode, rolled_up_scores
+from services.gateway.domain import (
+    Measure,
+    ObjectiveNode,
+    Rule,
+    TargetChange,
+    kpi_state,
+    rolled_up_scores,
+    target_in_force,
+)
 
 UNITS_SQL = """
 WITH RECURSIVE tree(id) AS (
@@ -38,6 +49,12 @@ related(id) AS (
     SELECT e.child FROM edges e JOIN related r ON e.parent = r.id)
 SELECT o.* FROM objectives o JOIN related USING (id) ORDER BY o.created_at, o.id"""
 
+# Each KPI with its target history (effective_from, version, target), oldest record first.
+KPIS_SQL = """
+SELECT k.*, ARRAY(SELECT (t.effective_from, t.version, t.target) FROM kpi_targets t
+                  WHERE t.kpi_id = k.id ORDER BY t.version) AS target_changes
+FROM kpis k WHERE k.unit_id = ANY($1::uuid[]) ORDER BY k.name, k.id"""
+
 
 @dataclass(frozen=True)
 class KeyResult:
@@ -50,6 +67,30 @@ class KeyResult:
                        tuple(r["milestone_weights"])).score(r["current"])
 
 
+@dataclass(frozen=True)
+class KPI:
+    """A KPI's facts as the read model keeps them, and what they mean on `today` (UTC)."""
+
+    row: asyncpg.Record
+    rules: Sequence[Rule]
+    today: date
+
+    @property
+    def rule_states(self) -> list[str]:
+        return [r.state(self.row["latest_value"]) for r in self.rules]
+
+    @property
+    def state(self) -> str:
+        return kpi_state(self.row["latest_measured_at"] is not None, self.rule_states, self.row["stale"])
+
+    @property
+    def target(self) -> float | None:
+        """The target in force today."""
+        return target_in_force(self.row["target"], (TargetChange(target, effective_from, version)
+                                                    for effective_from, version, target in self.row["target_changes"]),
+                               self.today)
+
+
 class Alignment:
     """A request's view of the read model, filled one unit subtree at a time.
 
@@ -58,8 +99,9 @@ class Alignment:
     number bounded.
     """
 
-    def __init__(self, pool: asyncpg.Pool):
+    def __init__(self, pool: asyncpg.Pool, today: date | None = None):
         self.pool = pool
+        self.today = today or datetime.now(UTC).date()
         self.queries = 0
         self.units: dict[UUID, asyncpg.Record] = {}
         self.complete: set[UUID] = set()
@@ -69,8 +111,7 @@ class Alignment:
         self.aligned: dict[UUID, list[UUID]] = {}
         self.key_results: dict[UUID, list[KeyResult]] = {}
         self.contributes_to: dict[UUID, dict[UUID, float]] = {}
-        self.kpis_of_unit: dict[UUID, list[asyncpg.Record]] = {}
-        self.rules: dict[UUID, list[asyncpg.Record]] = {}
+        self.kpis_of_unit: dict[UUID, list[KPI]] = {}
         self.scores: dict[UUID, float | None] = {}
         self.rolled_up: dict[UUID, float | None] = {}
         self._loading: dict[UUID, asyncio.Task[None]] = {}
@@ -101,10 +142,10 @@ class Alignment:
                 objective_ids)
             contributions = await conn.fetch(
                 "SELECT * FROM contributions WHERE objective_id = ANY($1::uuid[])", objective_ids)
-            kpis = await conn.fetch(
-                "SELECT * FROM kpis WHERE unit_id = ANY($1::uuid[]) ORDER BY name, id", unit_ids)
+            kpis = await conn.fetch(KPIS_SQL, unit_ids)
             rules = await conn.fetch(
-                "SELECT * FROM kpi_rules WHERE kpi_id = ANY($1::uuid[]) ORDER BY ordinal",
+                "SELECT kpi_id, rule_id AS id, kind, severity, threshold, low, high, pending_count, pending_for, "
+                "recovery, breached FROM kpi_rules WHERE kpi_id = ANY($1::uuid[]) ORDER BY ordinal",
                 [k["id"] for k in kpis])
         self.queries += 6
         self._merge(units, objectives, key_results, contributions, kpis, rules)
@@ -136,11 +177,11 @@ class Alignment:
             self.key_results[kr["objective_id"]].append(KeyResult(kr))
         for c in contributions:
             self.contributes_to.setdefault(c["objective_id"], {})[c["to_objective_id"]] = c["weight"]
-        for k in kpis:
-            self.kpis_of_unit[k["unit_id"]].append(k)
-            self.rules[k["id"]] = []
+        rules_of: dict[UUID, list[Rule]] = {k["id"]: [] for k in kpis}
         for r in rules:
-            self.rules[r["kpi_id"]].append(r)
+            rules_of[r["kpi_id"]].append(Rule.from_contract(r, breached=r["breached"]))
+        for k in kpis:
+            self.kpis_of_unit[k["unit_id"]].append(KPI(k, rules_of[k["id"]], self.today))
         self.complete |= loaded
         self._score()
 

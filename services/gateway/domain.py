@@ -8,8 +8,9 @@ pin both copies to the same hand-computed numbers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import date
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime
+from typing import Any
 from uuid import UUID
 
 RED_BELOW = 0.4
@@ -153,6 +154,10 @@ def rolled_up_scores(objectives: Mapping[UUID, ObjectiveNode]) -> dict[UUID, flo
 
 
 # KPIs ------------------------------------------------------------------------------------
+#
+# The metrics service decides when a rule fires and clears, and says so in the log
+# (KPIThresholdBreached / KPIRecovered): the only source of "breached". Everything else the
+# gateway shows of a KPI follows from facts its events carry, by the rules below.
 
 def violates(kind: str, value: float, threshold: float | None, low: float | None,
              high: float | None) -> bool:
@@ -166,24 +171,89 @@ def violates(kind: str, value: float, threshold: float | None, low: float | None
     return False
 
 
-def rule_state(breached: bool, violations: int) -> str:
-    """breached from KPIThresholdBreached until KPIRecovered; pending while consecutive
-    violations are counting towards the rule's pending window; else ok.
-
-    The metrics service decides when a rule fires, so a count that has reached the window shows
-    as pending until its KPIThresholdBreached arrives (the next event in the log).
-    """
+def rule_state(breached: bool, latest_violates: bool) -> str:
+    """breached from KPIThresholdBreached until KPIRecovered; else pending while the latest
+    value (by valid time) violates the rule, which the metrics service has not (yet) fired
+    (its pending window, `pending_count` and `pending_for`, is counting); else ok."""
     if breached:
         return "breached"
-    return "pending" if violations > 0 else "ok"
+    return "pending" if latest_violates else "ok"
 
 
-def kpi_state(measured: bool, rule_states: Iterable[str]) -> str:
-    """no_data before the first measurement; else the worst of its rules' states."""
+def kpi_state(measured: bool, rule_states: Iterable[str], stale: bool = False) -> str:
+    """breached over stale over pending over ok; no_data before the first measurement (unless
+    the KPI is already stale, which one never measured becomes in time)."""
+    states = set(rule_states)
+    if "breached" in states:
+        return "breached"
+    if stale:
+        return "stale"
     if not measured:
         return "no_data"
-    states = set(rule_states)
-    for state in ("breached", "pending"):
-        if state in states:
-            return state
-    return "ok"
+    return "pending" if "pending" in states else "ok"
+
+
+def supersedes(latest_measured_at: datetime | None, measured_at: datetime) -> bool:
+    """Whether a new measurement becomes the KPI's latest: the latest is the one with the latest
+    valid time; of two at the same time the later to arrive (as the metrics service orders
+    them). A late measurement (an older valid time) is history and changes no state."""
+    return latest_measured_at is None or measured_at >= latest_measured_at
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A threshold rule as KPIDefined and KPIRulesRevised carry it, and whether it is breached."""
+
+    id: str
+    kind: str
+    severity: str
+    threshold: float | None = None
+    low: float | None = None
+    high: float | None = None
+    pending_count: int = 1
+    pending_for: int = 0
+    recovery: float | None = None
+    breached: bool = False
+
+    @classmethod
+    def from_contract(cls, data: Mapping[str, Any], position: int = 1, breached: bool = False) -> Rule:
+        """From the event's JSON; a field a rule was recorded without gets the metrics service's
+        default (fire at the first violating measurement), a rule without an id is named by
+        its position, as the metrics service names it."""
+        pending_count, pending_for = data.get("pending_count"), data.get("pending_for")
+        return cls(id=str(data.get("id") or f"rule-{position}"), kind=str(data["kind"]),
+                   severity=str(data["severity"]), threshold=data.get("threshold"), low=data.get("low"),
+                   high=data.get("high"), pending_count=1 if pending_count is None else int(pending_count),
+                   pending_for=0 if pending_for is None else int(pending_for), recovery=data.get("recovery"),
+                   breached=breached)
+
+    def state(self, latest_value: float | None) -> str:
+        """This rule's state given the KPI's latest value (None before any measurement)."""
+        return rule_state(self.breached, latest_value is not None and violates(
+            self.kind, latest_value, self.threshold, self.low, self.high))
+
+
+def revise_rules(current: Iterable[Rule], revised: Iterable[Mapping[str, Any]]) -> list[Rule]:
+    """The rules after KPIRulesRevised: the revised set, in its order; a rule that stays (by id)
+    keeps its breach, a new one starts unbreached. (The metrics service recovers a breached rule
+    it withdraws before revising, and announces what the new rules imply after.)"""
+    breached = {r.id for r in current if r.breached}
+    rules = [Rule.from_contract(r, n) for n, r in enumerate(revised, start=1)]
+    return [replace(r, breached=r.id in breached) for r in rules]
+
+
+@dataclass(frozen=True)
+class TargetChange:
+    """A KPITargetChanged: the target from a day on, and the KPI version that recorded it."""
+
+    target: float
+    effective_from: date
+    version: int
+
+
+def target_in_force(defined: float | None, changes: Iterable[TargetChange], today: date) -> float | None:
+    """The target on `today`: the change with the latest effective_from on or before it (of two
+    from the same day, the later recorded); before any change takes effect, the defined one."""
+    current = max((c for c in changes if c.effective_from <= today),
+                  key=lambda c: (c.effective_from, c.version), default=None)
+    return defined if current is None else current.target

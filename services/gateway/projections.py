@@ -5,7 +5,8 @@ One projection follows two logs (goals and metrics), each through its own runner
 the same tables and one tracking table, `gateway.alignment_tracking`, one row per log. Events
 arrive as `ContractEvent`s, so nothing here imports the producers' classes. Each event is one
 transaction with its tracking position; dropped and replayed the tables come back the same.
-Scores are not stored: they are computed at read time from the facts kept here.
+Scores, KPI states and the target in force are not stored: they are computed at read time
+from the facts kept here (`services.gateway.domain`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from eventsourcing.persistence import Tracking
 from eventsourcing.projection import Projection
 
 from services.common.projections import ContractEvent, ProjectionSpec, ReadModel, Statement, followed_log
-from services.gateway.domain import CheckIn, current_check_in, kpi_state, rule_state, violates
+from services.gateway.domain import CheckIn, Rule, current_check_in, revise_rules, supersedes
 
 
 class AlignmentReadModel(ReadModel):
@@ -60,18 +61,26 @@ class AlignmentReadModel(ReadModel):
         """CREATE TABLE IF NOT EXISTS {schema}.kpis (
             id uuid PRIMARY KEY, name text NOT NULL, description text NOT NULL,
             unit text NOT NULL, owner_id uuid, unit_id uuid, direction text NOT NULL,
-            cadence text NOT NULL, target double precision, state text NOT NULL,
-            latest_value double precision, latest_measured_at timestamptz,
+            cadence text NOT NULL, target double precision, latest_value double precision,
+            latest_measured_at timestamptz, latest_measurement_id uuid, stale boolean NOT NULL,
             created_at timestamptz NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS kpis_unit ON {schema}.kpis (unit_id)",
         """CREATE TABLE IF NOT EXISTS {schema}.kpi_rules (
             kpi_id uuid NOT NULL, rule_id text NOT NULL, ordinal integer NOT NULL,
             kind text NOT NULL, threshold double precision, low double precision,
             high double precision, severity text NOT NULL, pending_count integer NOT NULL,
-            recovery double precision, violations integer NOT NULL, breached boolean NOT NULL,
-            state text NOT NULL, PRIMARY KEY (kpi_id, rule_id))""",
+            pending_for integer NOT NULL, recovery double precision, breached boolean NOT NULL,
+            PRIMARY KEY (kpi_id, rule_id))""",
+        """CREATE TABLE IF NOT EXISTS {schema}.kpi_targets (
+            kpi_id uuid NOT NULL, version bigint NOT NULL, target double precision NOT NULL,
+            effective_from date NOT NULL, reason text NOT NULL, recorded_at timestamptz NOT NULL,
+            PRIMARY KEY (kpi_id, version))""",
     )
 
+
+RULE_COLUMNS = ("rule_id AS id, kind, severity, threshold, low, high, pending_count, pending_for, recovery, "
+                "breached")
+"""A kpi_rules row as `Rule.from_contract` reads it."""
 
 Handler = Callable[["AlignmentProjection", ContractEvent, dict[str, Any]], list[Statement]]
 
@@ -184,39 +193,48 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
         ]
 
     # metrics -------------------------------------------------------------------------------
+    #
+    # Facts only: each rule's breach as the log announces it, the latest measurement (by valid
+    # time), staleness and the target history. States and the target in force are worked out
+    # at read time (`services.gateway.domain`), the target because it depends on the day.
 
     def kpi_defined(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         statements: list[Statement] = [(
-            "INSERT INTO {schema}.kpis VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'no_data', NULL, NULL, %s) "
-            "ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO {schema}.kpis (id, name, description, unit, owner_id, unit_id, direction, cadence, "
+            "target, latest_value, latest_measured_at, latest_measurement_id, stale, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, NULL, NULL, false, %s) ON CONFLICT (id) DO NOTHING",
             (e.originator_id, d["name"], d.get("description", ""), d.get("unit", ""), d.get("owner_id"),
              d.get("unit_id"), str(d["direction"]), str(d["cadence"]), d.get("target"), e.timestamp))]
-        for i, r in enumerate(d.get("rules") or []):
-            statements.append((
-                "INSERT INTO {schema}.kpi_rules VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 0, false, 'ok') "
-                "ON CONFLICT DO NOTHING",
-                (e.originator_id, str(r["id"]), i, str(r["kind"]), r.get("threshold"), r.get("low"),
-                 r.get("high"), str(r["severity"]), int(r.get("pending_count") or 0), r.get("recovery"))))
-        return statements
+        rules = [Rule.from_contract(r, n) for n, r in enumerate(d.get("rules") or [], start=1)]
+        return statements + self._insert_rules(e, rules)
+
+    def kpi_rules_revised(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        current = [Rule.from_contract(r, breached=r["breached"]) for r in self.view.query(
+            f"SELECT {RULE_COLUMNS} FROM {{schema}}.kpi_rules WHERE kpi_id = %s", (e.originator_id,))]
+        return [("DELETE FROM {schema}.kpi_rules WHERE kpi_id = %s", (e.originator_id,)),
+                *self._insert_rules(e, revise_rules(current, d.get("rules") or []))]
+
+    def _insert_rules(self, e: ContractEvent, rules: list[Rule]) -> list[Statement]:
+        return [("INSERT INTO {schema}.kpi_rules (kpi_id, rule_id, ordinal, kind, threshold, low, high, severity, "
+                 "pending_count, pending_for, recovery, breached) "
+                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                 (e.originator_id, r.id, i, r.kind, r.threshold, r.low, r.high, r.severity, r.pending_count,
+                  r.pending_for, r.recovery, r.breached))
+                for i, r in enumerate(rules)]
 
     def kpi_measured(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
-        kpi = self.view.query("SELECT latest_measured_at IS NULL OR latest_measured_at <= %s AS newest "
-                              "FROM {schema}.kpis WHERE id = %s", (d["measured_at"], e.originator_id))
-        if not kpi or not kpi[0]["newest"]:
+        kpi = self.view.query("SELECT latest_measured_at FROM {schema}.kpis WHERE id = %s", (e.originator_id,))
+        if not kpi or not supersedes(kpi[0]["latest_measured_at"], d["measured_at"]):
             return []  # a late measurement is history; it does not change the state
-        statements: list[Statement] = []
-        states = []
-        for r in self._rules(e):
-            violations = r["violations"] + 1 if violates(
-                r["kind"], d["value"], r["threshold"], r["low"], r["high"]) else 0
-            states.append(rule_state(r["breached"], violations))
-            statements.append(("UPDATE {schema}.kpi_rules SET violations = %s, state = %s "
-                               "WHERE kpi_id = %s AND rule_id = %s",
-                               (violations, states[-1], e.originator_id, r["rule_id"])))
-        statements.append(("UPDATE {schema}.kpis SET latest_value = %s, latest_measured_at = %s, state = %s "
-                           "WHERE id = %s",
-                           (d["value"], d["measured_at"], kpi_state(True, states), e.originator_id)))
-        return statements
+        return [("UPDATE {schema}.kpis SET latest_value = %s, latest_measured_at = %s, latest_measurement_id = %s "
+                 "WHERE id = %s", (d["value"], d["measured_at"], d["measurement_id"], e.originator_id))]
+
+    def kpi_measurement_corrected(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        """Only a correction of the latest measurement changes the latest value. The latest is
+        named by its id: of two measurements at the same valid time (two sources), only the one
+        that is the latest counts."""
+        return [("UPDATE {schema}.kpis SET latest_value = %s WHERE id = %s AND latest_measurement_id = %s",
+                 (d["value"], e.originator_id, d["measurement_id"]))]
 
     def kpi_breached(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         return self._set_breached(e, str(d["rule_id"]), True)
@@ -224,26 +242,18 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
     def kpi_recovered(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         return self._set_breached(e, str(d["rule_id"]), False)
 
-    def _rules(self, e: ContractEvent) -> list[dict[str, Any]]:
-        return self.view.query("SELECT * FROM {schema}.kpi_rules WHERE kpi_id = %s ORDER BY ordinal",
-                               (e.originator_id,))
-
     def _set_breached(self, e: ContractEvent, rule_id: str, breached: bool) -> list[Statement]:
-        rules = self._rules(e)
-        rule = next((r for r in rules if r["rule_id"] == rule_id), None)
-        if rule is None:
-            return []
-        rule["breached"] = breached
-        if not breached:
-            rule["violations"] = 0
-        states = [rule_state(r["breached"], r["violations"]) for r in rules]
-        return [
-            ("UPDATE {schema}.kpi_rules SET breached = %s, violations = %s, state = %s "
-             "WHERE kpi_id = %s AND rule_id = %s",
-             (breached, rule["violations"], rule_state(breached, rule["violations"]), e.originator_id, rule_id)),
-            ("UPDATE {schema}.kpis SET state = CASE WHEN latest_measured_at IS NULL THEN 'no_data' ELSE %s END "
-             "WHERE id = %s", (kpi_state(True, states), e.originator_id)),
-        ]
+        return [("UPDATE {schema}.kpi_rules SET breached = %s WHERE kpi_id = %s AND rule_id = %s",
+                 (breached, e.originator_id, rule_id))]
+
+    def kpi_staleness(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        """KPIStale until KPIFreshened."""
+        return [("UPDATE {schema}.kpis SET stale = %s WHERE id = %s", (e.type == "KPIStale", e.originator_id))]
+
+    def kpi_target_changed(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [("INSERT INTO {schema}.kpi_targets (kpi_id, version, target, effective_from, reason, recorded_at) "
+                 "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                 (e.originator_id, e.version, d["target"], d["effective_from"], d.get("reason", ""), e.timestamp))]
 
 
 def set_status(table: str, status: str) -> Handler:
@@ -287,7 +297,13 @@ HANDLERS: dict[str, Handler] = {
     "KPIMeasured": P.kpi_measured,
     "KPIThresholdBreached": P.kpi_breached,
     "KPIRecovered": P.kpi_recovered,
+    "KPIMeasurementCorrected": P.kpi_measurement_corrected,
+    "KPIRulesRevised": P.kpi_rules_revised,
+    "KPIStale": P.kpi_staleness,
+    "KPIFreshened": P.kpi_staleness,
+    "KPITargetChanged": P.kpi_target_changed,
 }
+
 
 def alignment_projections(schema: str = "gateway") -> list[ProjectionSpec]:
     """The two runners of the one projection: one per followed log, into the same read model."""

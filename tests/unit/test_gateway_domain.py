@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta
 from uuid import uuid4
 
 import pytest
@@ -9,10 +11,15 @@ import pytest
 from services.gateway.domain import (
     Measure,
     ObjectiveNode,
+    Rule,
+    TargetChange,
     band,
     kpi_state,
+    revise_rules,
     rolled_up_scores,
     rule_state,
+    supersedes,
+    target_in_force,
     violates,
     weighted_mean,
 )
@@ -96,14 +103,84 @@ def test_threshold_rules(kind: str, value: float, threshold: float | None, low: 
     assert violates(kind, value, threshold, low, high) is expected
 
 
-def test_kpi_states() -> None:
-    assert rule_state(breached=False, violations=0) == "ok"
-    assert rule_state(breached=False, violations=1) == "pending"
-    assert rule_state(breached=True, violations=0) == "breached"
+def test_rule_states() -> None:
+    assert rule_state(breached=False, latest_violates=False) == "ok"
+    assert rule_state(breached=False, latest_violates=True) == "pending"
+    assert rule_state(breached=True, latest_violates=False) == "breached"  # short of its recovery bound
+    assert rule_state(breached=True, latest_violates=True) == "breached"
+
+
+def test_kpi_states_breached_over_stale_over_pending_over_ok() -> None:
     assert kpi_state(False, []) == "no_data"
+    assert kpi_state(False, ["ok"], stale=True) == "stale"  # never measured, and overdue
     assert kpi_state(True, []) == "ok"
     assert kpi_state(True, ["ok", "pending"]) == "pending"
     assert kpi_state(True, ["pending", "breached", "ok"]) == "breached"
+    assert kpi_state(True, ["ok"], stale=True) == "stale"
+    assert kpi_state(True, ["pending"], stale=True) == "stale"
+    assert kpi_state(True, ["pending", "breached"], stale=True) == "breached"
+
+
+def test_the_latest_measurement_is_the_latest_by_valid_time() -> None:
+    t = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    assert supersedes(None, t)  # the first
+    assert supersedes(t, t + timedelta(seconds=1))
+    assert supersedes(t, t)  # the same time (another source): the later to arrive
+    assert not supersedes(t, t - timedelta(hours=1))  # late: history
+
+
+def test_a_rule_from_the_contract_gets_the_metrics_services_defaults() -> None:
+    old = Rule.from_contract({"id": "r", "kind": "below", "threshold": 99.5, "severity": "critical"})
+    assert (old.pending_count, old.pending_for, old.recovery, old.breached) == (1, 0, None, False)
+    assert Rule.from_contract({"kind": "above", "threshold": 1, "severity": "warning"}, 3).id == "rule-3"
+    rule = Rule.from_contract({"id": "r", "kind": "below", "threshold": 99.5, "severity": "critical",
+                               "pending_count": 3, "pending_for": 3600, "recovery": 99.7})
+    assert (rule.pending_count, rule.pending_for, rule.recovery) == (3, 3600, 99.7)
+
+
+def test_a_rule_is_pending_while_the_latest_value_violates_it() -> None:
+    rule = Rule("r", "below", "critical", threshold=99.5, pending_count=3, pending_for=600, recovery=99.7)
+    assert rule.state(None) == "ok"
+    assert rule.state(99.0) == "pending"  # however many violations came before: the window is the metrics'
+    assert rule.state(99.5) == "ok"
+    breached = replace(rule, breached=True)
+    assert [breached.state(v) for v in (99.0, 99.6, 99.8)] == ["breached"] * 3  # only KPIRecovered clears it
+    outside = Rule("o", "outside", "warning", low=1, high=2)
+    assert [outside.state(v) for v in (0.5, 1, 2, 2.5)] == ["pending", "ok", "ok", "pending"]
+
+
+def test_revised_rules_keep_their_breach_by_id() -> None:
+    current = [Rule("avail", "below", "critical", threshold=99.5, breached=True),
+               Rule("latency", "above", "warning", threshold=200, breached=True),
+               Rule("errors", "above", "warning", threshold=1)]
+    revised = revise_rules(current, [
+        {"id": "errors", "kind": "above", "threshold": 2, "severity": "critical"},
+        {"id": "avail", "kind": "below", "threshold": 99.0, "severity": "critical", "pending_for": 600},
+        {"id": "spike", "kind": "above", "threshold": 1000, "severity": "warning", "pending_count": 2},
+    ])
+    assert [(r.id, r.threshold, r.breached) for r in revised] == [
+        ("errors", 2, False), ("avail", 99.0, True), ("spike", 1000, False)]  # latency withdrawn
+    assert (revised[1].pending_for, revised[2].pending_count) == (600, 2)
+    assert revise_rules(current, []) == []
+
+
+def test_the_target_in_force_is_the_latest_effective_change_on_or_before_today() -> None:
+    today = date(2026, 11, 20)
+    assert target_in_force(None, [], today) is None
+    assert target_in_force(99.9, [], today) == 99.9
+    changes = [
+        TargetChange(99.95, date(2026, 11, 1), version=5),
+        TargetChange(99.99, date(2026, 12, 1), version=6),  # not yet
+        TargetChange(99.0, date(2026, 10, 1), version=7),   # recorded later, effective earlier
+    ]
+    assert target_in_force(99.9, changes, today) == 99.95
+    assert target_in_force(99.9, changes, date(2026, 12, 1)) == 99.99  # on its day
+    assert target_in_force(99.9, changes, date(2026, 10, 15)) == 99.0
+    assert target_in_force(99.9, changes, date(2026, 9, 30)) == 99.9  # before any: the defined one
+    assert target_in_force(None, changes, date(2026, 9, 30)) is None
+    tie = [*changes, TargetChange(99.97, date(2026, 11, 1), version=8)]
+    assert target_in_force(99.9, tie, today) == 99.97  # the same day: the later recorded
+    assert target_in_force(99.9, list(reversed(tie)), today) == 99.97  # whatever order they come in
 
 
 def test_contributions_roll_up_with_their_weights() -> None:
