@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BeforeValidator, Field, model_validator
 
-from services.common.auth import READERS, WRITERS, Principal, require
+from services.common.auth import READERS, WRITERS, Principal, Role, require
 from services.common.eventstore import CommandContext, Written, new_correlation_id, run_command
 from services.common.problems import Problem, problem_response
 from services.common.schemas import (
@@ -648,6 +648,29 @@ class StalenessWatch:
                 log.exception("staleness check failed")
             self.checked.set()
             await asyncio.sleep(self.interval)
+
+
+class StalenessCheckOut(ApiModel):
+    stale: list[UUID] = Field(description="The KPIs this check found overdue (each got one `KPIStale`).")
+    position: int = Field(description="Log position of the last `KPIStale` appended (0: none).")
+
+
+Operator = Annotated[Principal, Depends(require(Role.admin, Role.service))]
+
+
+@router.post("/staleness-checks", responses=WRITE_RESPONSES)
+async def check_staleness_now(request: Request, response: Response, _: Operator,
+                              __: ReadYourWrites) -> StalenessCheckOut:
+    """Run the staleness check now rather than at the watch's next round (after restoring a
+    backup, or to see a demo's overdue KPI at once). The aggregates decide, as in the watch: a
+    KPI already stale for its current gap gets nothing new. Candidates come from the read model,
+    so `Tandem-Wait-For` makes the check see the latest measurements."""
+    watch: StalenessWatch = request.app.state.staleness_watch
+    written = await watch.check()
+    position = max((w.position for w in written), default=0)
+    if position:
+        response.headers["Tandem-Position"] = f"{LOG}={position}"
+    return StalenessCheckOut(stale=[w.id for w in written], position=position)
 
 
 def create_app(settings: MetricsSettings | None = None) -> FastAPI:

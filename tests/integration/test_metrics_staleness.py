@@ -141,3 +141,18 @@ async def test_the_check_at_start_up_catches_up_after_downtime(service: Service,
     assert stale.data["expected_by"] == NOW - timedelta(days=23) + GRACE
     assert (await types(database_url, already)).count("KPIStale") == 1
     assert "KPIStale" not in await types(database_url, fresh)
+
+
+async def test_an_operator_can_run_the_check_now(service: Service, auth: Callable[..., dict[str, str]]) -> None:
+    kpi, position = await define(service.client, "daily", NOW - timedelta(days=3))
+    fresh, _ = await define(service.client, "weekly", NOW - timedelta(days=1))
+    r = await service.client.post("/v1/staleness-checks", headers={"Tandem-Wait-For": f"metrics={position}"})
+    assert r.status_code == 200, r.text
+    assert kpi in r.json()["stale"] and fresh not in r.json()["stale"]
+    assert r.headers["Tandem-Position"] == f"metrics={r.json()['position']}"
+    read = await service.client.get(f"/v1/kpis/{kpi}", headers={"Tandem-Wait-For": r.headers["Tandem-Position"]})
+    assert read.json()["state"] == "stale"
+    again = await service.client.post("/v1/staleness-checks")
+    assert kpi not in again.json()["stale"]  # once per gap
+    member = await service.client.post("/v1/staleness-checks", headers=auth("member", "bob"))
+    assert member.status_code == 403
