@@ -50,6 +50,7 @@ from services.common.schemas import (
 )
 from services.common.web import (
     PROBLEM_RESPONSES,
+    WAIT_HEADER,
     WRITE_RESPONSES,
     IdempotencyKey,
     IfMatch,
@@ -60,6 +61,7 @@ from services.common.web import (
     execute_write,
     get_pool,
     if_match_version,
+    parse_positions,
 )
 from services.goals.application import Goals
 from services.goals.domain import (
@@ -73,12 +75,13 @@ from services.goals.domain import (
     UnitKind,
     band,
     coaching_warnings,
+    lint_guardrails,
     lint_key_result,
     lint_objective,
     objective_score,
     weighted_mean,
 )
-from services.goals.projections import GOALS_PROJECTIONS
+from services.goals.projections import GOALS_PROJECTIONS, KPI_HEALTH_SPEC, METRICS_LOG, POLICY_SPEC, VIEW_SPEC
 from services.goals.settings import GoalsSettings
 
 LOG = "goals"
@@ -93,7 +96,8 @@ TAGS = [
     {"name": "people", "description": "Members of units with managers; effective-dated history."},
     {"name": "cycles", "description": "Quarters and years: planning, active, closed."},
     {"name": "objectives", "description": "Qualitative goals, aligned and contributing, graded when the cycle closes."},
-    {"name": "key results", "description": "Measurable results with check-ins, corrections and forecasts."},
+    {"name": "key results", "description": "Measurable results with check-ins, corrections and forecasts; "
+                                            "bound to a KPI, the KPI's measurements check them in."},
     {"name": "coaching", "description": "Warnings about the common mistakes the OKR literature names."},
 ]
 
@@ -310,6 +314,10 @@ class KeyResultMoveIn(ApiModel):
     objective_id: UUID = Field(description="An open objective of the same cycle.")
 
 
+class KPIBindingIn(ApiModel):
+    kpi_id: UUID = Field(description="A KPI of the metrics service (`/v1/kpis/{id}` there).")
+
+
 class CheckInIn(ApiModel):
     value: Number
     confidence: WholeNumber | None = Field(None, ge=0, le=10)
@@ -364,6 +372,7 @@ class KeyResultOut(ApiModel):
     forecast: Forecast
     check_in_count: int
     correction_count: int
+    kpi_id: UUID | None = Field(description="The KPI whose measurements check this key result in, if bound.")
     version: int
 
 
@@ -377,6 +386,14 @@ class WarningOut(ApiModel):
     message: str
     subject_kind: Literal["owner", "objective", "key_result"]
     subject_id: UUID
+
+
+class GuardrailOut(ApiModel):
+    kpi_id: UUID
+    name: str | None = Field(description="The KPI's name; null until this service has seen the KPI defined.")
+    breached: bool = Field(description="A threshold rule of the KPI has fired and not recovered.")
+    breached_rules: list[str] = Field(description="The ids of those rules.")
+    stale: bool = Field(description="No measurement came within the KPI's cadence.")
 
 
 class ObjectiveOut(ApiModel):
@@ -400,6 +417,9 @@ class ObjectiveOut(ApiModel):
     carried_from: UUID | None
     carried_to: list[UUID] = Field(description="Objectives this one was carried over into.")
     key_results: list[KeyResultOut]
+    guardrails: list[GuardrailOut] = Field(
+        description="KPIs that must stay healthy while the objective is pursued, with their health.")
+    guardrail_breached: bool = Field(description="Whether any guardrail KPI is breached.")
     warnings: list[WarningOut] = Field(description="Coaching warnings on the objective and its key results.")
     version: int
 
@@ -414,6 +434,9 @@ class CheckInOut(ApiModel):
     corrected_by: int | None = Field(description="For a corrected check-in: its latest correction.")
     recorded_at: datetime
     actor: str
+    measurement_id: UUID | None = Field(
+        description="The KPI measurement that made the check-in (for a correction: that of the check-in it "
+                    "corrects); null for a check-in a person made.")
 
 
 class CoachingOut(ApiModel):
@@ -540,9 +563,23 @@ async def _rolled_up_scores(pool: asyncpg.Pool, ids: list[UUID]) -> dict[UUID, f
     return scores
 
 
+async def _guardrails(pool: asyncpg.Pool, ids: list[UUID]) -> dict[UUID, list[GuardrailOut]]:
+    """The objectives' guardrail KPIs (in the order named) with their health, from the
+    kpi_health read model (which follows the metrics log)."""
+    guardrails: dict[UUID, list[GuardrailOut]] = {i: [] for i in ids}
+    for g in await pool.fetch(
+            "SELECT g.objective_id, g.kpi_id, h.name, COALESCE(h.breached_rules, ARRAY[]::text[]) AS breached_rules, "
+            "COALESCE(h.stale, false) AS stale FROM objective_guardrails g LEFT JOIN kpi_health h ON h.kpi_id = g.kpi_id "
+            "WHERE g.objective_id = ANY($1::uuid[]) ORDER BY g.version, g.kpi_id", ids):
+        guardrails[g["objective_id"]].append(GuardrailOut(
+            kpi_id=g["kpi_id"], name=g["name"], breached=bool(g["breached_rules"]),
+            breached_rules=list(g["breached_rules"]), stale=g["stale"]))
+    return guardrails
+
+
 async def _objectives(pool: asyncpg.Pool, rows: Sequence[asyncpg.Record]) -> list[ObjectiveOut]:
-    """Objectives with their key results, scores, contributions and coaching warnings, in a
-    fixed number of queries whatever the number of rows."""
+    """Objectives with their key results, scores, contributions, guardrails and coaching
+    warnings, in a fixed number of queries whatever the number of rows."""
     ids = [r["id"] for r in rows]
     key_results: dict[UUID, list[KeyResultOut]] = {i: [] for i in ids}
     for kr in await pool.fetch(
@@ -554,16 +591,37 @@ async def _objectives(pool: asyncpg.Pool, rows: Sequence[asyncpg.Record]) -> lis
         contributions[c["objective_id"]].append(Contribution.from_row(c))
     rolled_up = await _rolled_up_scores(pool, ids)
     left = await _owners_who_left(pool, rows)
+    guardrails = await _guardrails(pool, ids)
     out = []
     for row in rows:
         krs = key_results[row["id"]]
-        warnings = lint_objective(SimpleNamespace(**row), krs, left) + [w for k in krs for w in lint_key_result(k)]
+        facts = SimpleNamespace(**row)
+        warnings = (lint_objective(facts, krs, left) + lint_guardrails(facts, guardrails[row["id"]])
+                    + [w for k in krs for w in lint_key_result(k)])
         score = objective_score(krs)
         out.append(ObjectiveOut.from_row(
             row, owner=Owner(kind=row["owner_kind"], id=row["owner_id"]), score=score,
             rolled_up_score=rolled_up.get(row["id"]), band=band(score), contributions=contributions[row["id"]],
-            key_results=krs, warnings=[_warning(w) for w in warnings]))
+            key_results=krs, guardrails=guardrails[row["id"]],
+            guardrail_breached=any(g.breached for g in guardrails[row["id"]]),
+            warnings=[_warning(w) for w in warnings]))
     return out
+
+
+async def wait_for_kpi_health(request: Request) -> None:
+    """Guardrails come from the kpi_health read model, which follows the metrics log on its own
+    runner: a read that waits for a metrics position (`Tandem-Wait-For`, already checked by
+    `ReadYourWrites`) waits for it to get there too."""
+    position = parse_positions(request.headers.get(WAIT_HEADER)).get("metrics")
+    if not position:
+        return
+    if not await database.wait_for_position(request.app.state.pool, KPI_HEALTH_SPEC.tracking_table, METRICS_LOG.name,
+                                            position, request.app.state.settings.read_wait_timeout_seconds):
+        raise Problem(504, "Gateway Timeout", f"The KPI health read model has not reached metrics={position} yet; "
+                      "retry.", kind="read-model-behind", headers={"Retry-After": "1"})
+
+
+KPIHealthCaughtUp = Annotated[None, Depends(wait_for_kpi_health)]
 
 
 def _app(request: Request) -> Goals:
@@ -788,7 +846,7 @@ async def create_objective(body: ObjectiveIn, request: Request, response: Respon
 
 @router.get("/objectives", tags=["objectives"])
 async def list_objectives(
-    pool: Pool, _: Reader, __: ReadYourWrites,
+    pool: Pool, _: Reader, __: ReadYourWrites, ___: KPIHealthCaughtUp,
     cycle: Annotated[UUID | None, Query(description="Only this cycle's objectives.")] = None,
     unit: Annotated[UUID | None, Query(description="Only this unit's objectives.")] = None,
     owner: Annotated[UUID | None, Query(description="Only objectives of this owner.")] = None,
@@ -804,9 +862,9 @@ async def list_objectives(
 
 @router.get("/objectives/{objective_id}", tags=["objectives"])
 async def get_objective(objective_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites,
-                        response: Response) -> ObjectiveOut:
-    """One objective with its key results (scores, forecasts), its score, rolled-up score and
-    coaching warnings."""
+                        ___: KPIHealthCaughtUp, response: Response) -> ObjectiveOut:
+    """One objective with its key results (scores, forecasts), its score, rolled-up score, its
+    guardrail KPIs with their health, and coaching warnings."""
     return (await _objectives(pool, [await _one(pool, "objectives", objective_id, "objective", response)]))[0]
 
 
@@ -899,6 +957,30 @@ async def carry_over(objective_id: UUID, body: CarryOverIn, request: Request, re
                                idempotency_key=idempotency_key)
 
 
+@router.put("/objectives/{objective_id}/guardrails/{kpi_id}", tags=["objectives"], responses=WRITE_RESPONSES)
+async def add_guardrail(objective_id: UUID, kpi_id: UUID, request: Request, response: Response, principal: Writer,
+                        if_match: IfMatch = None, idempotency_key: IdempotencyKey = None) -> WriteResult:
+    """Name a KPI of the metrics service that must stay healthy while the objective is pursued
+    (again: nothing new). The objective then shows the KPI's health, and a breach is a coaching
+    warning while the objective is open."""
+    return await execute_write(request, response, principal, LOG, _app(request).add_guardrail, objective_id, kpi_id,
+                               expected_version=if_match_version(if_match), status=200,
+                               idempotency_key=idempotency_key)
+
+
+@router.delete("/objectives/{objective_id}/guardrails/{kpi_id}", tags=["objectives"], responses=WRITE_RESPONSES)
+async def remove_guardrail(objective_id: UUID, kpi_id: UUID, request: Request, response: Response,
+                           principal: Writer, if_match: IfMatch = None) -> WriteResult:
+    application = _app(request)
+
+    def remove() -> Written:
+        if kpi_id not in application.get_objective(objective_id).guardrails:
+            raise _not_found("guardrail")
+        return application.remove_guardrail(objective_id, kpi_id, expected_version=if_match_version(if_match))
+
+    return await execute_write(request, response, principal, LOG, remove, status=200)
+
+
 # Key results.
 
 @router.post("/objectives/{objective_id}/key-results", status_code=201, tags=["key results"],
@@ -939,6 +1021,35 @@ async def move_key_result(key_result_id: UUID, body: KeyResultMoveIn, request: R
     """Move the key result to another open objective of the same cycle."""
     return await execute_write(request, response, principal, LOG, _app(request).move_key_result, key_result_id,
                                body.objective_id, expected_version=if_match_version(if_match), status=200)
+
+
+@router.put("/key-results/{key_result_id}/kpi", tags=["key results"], responses=WRITE_RESPONSES)
+async def bind_key_result(key_result_id: UUID, body: KPIBindingIn, request: Request, response: Response,
+                          principal: Writer, if_match: IfMatch = None,
+                          idempotency_key: IdempotencyKey = None) -> WriteResult:
+    """Bind the key result (increase_to, decrease_to, stay_above, stay_below or stay_within) to
+    a KPI of the metrics service: each measurement of the KPI from then on checks it in
+    (`KeyResultProgressed` naming the measurement; the day is the measurement's in UTC), and a
+    corrected measurement corrects that check-in. Binding to another KPI replaces the one
+    followed. A goals read with `Tandem-Wait-For: metrics=<position of a measurement>` shows
+    what the measurement did."""
+    return await execute_write(request, response, principal, LOG, _app(request).bind_key_result_to_kpi,
+                               key_result_id, body.kpi_id, expected_version=if_match_version(if_match),
+                               status=200, idempotency_key=idempotency_key)
+
+
+@router.delete("/key-results/{key_result_id}/kpi", tags=["key results"], responses=WRITE_RESPONSES)
+async def unbind_key_result(key_result_id: UUID, request: Request, response: Response, principal: Writer,
+                            if_match: IfMatch = None) -> WriteResult:
+    """Stop following the KPI; the check-ins it brought stay."""
+    application = _app(request)
+
+    def unbind() -> Written:
+        if application.get_key_result(key_result_id).kpi_id is None:
+            raise _not_found("KPI binding")
+        return application.unbind_key_result_from_kpi(key_result_id, expected_version=if_match_version(if_match))
+
+    return await execute_write(request, response, principal, LOG, unbind, status=200)
 
 
 @router.post("/key-results/{key_result_id}/check-ins", status_code=201, tags=["key results"],
@@ -1004,7 +1115,7 @@ def _version_cursor(after: str | None) -> int | None:
 
 @router.get("/coaching", tags=["coaching"])
 async def coaching(
-    pool: Pool, _: Reader, __: ReadYourWrites,
+    pool: Pool, _: Reader, __: ReadYourWrites, ___: KPIHealthCaughtUp,
     cycle: Annotated[UUID | None, Query(description="Only this cycle's objectives.")] = None,
     owner: Annotated[UUID | None, Query(description="Only objectives of this owner.")] = None,
     unit: Annotated[UUID | None, Query(description="Only this unit's objectives.")] = None,
@@ -1024,6 +1135,8 @@ async def coaching(
     shown = set(picked) | {k["id"] for k in key_results}
     warnings = coaching_warnings([SimpleNamespace(**r) for r in rows],
                                  [SimpleNamespace(**k) for k in key_results], await _owners_who_left(pool, rows))
+    guardrails = await _guardrails(pool, picked)
+    warnings += [w for r in rows if r["picked"] for w in lint_guardrails(SimpleNamespace(**r), guardrails[r["id"]])]
     return CoachingOut(warnings=[_warning(w) for w in warnings
                                  if w.subject_kind == "owner" or w.subject_id in shown])
 
@@ -1034,7 +1147,9 @@ def create_app(settings: GoalsSettings | None = None) -> FastAPI:
         settings=settings,
         title="Tandem goals",
         description="Org units, people, cycles, objectives, key results and check-ins, event-sourced.",
-        tracked_logs=[TrackedLog.of(LOG, GOALS_PROJECTIONS[0])],
+        # A metrics position is reached when the KPI policy has handled it and the read model has
+        # caught up with what the policy wrote into the goals log.
+        tracked_logs=[TrackedLog.of(LOG, VIEW_SPEC), TrackedLog.of("metrics", POLICY_SPEC, feeds=LOG)],
         projections=GOALS_PROJECTIONS,
         application_class=Goals,
         domain_errors=(DomainError,),

@@ -10,19 +10,40 @@ command.
 The rules that span aggregates live here: alignment and contributions never form a cycle, the
 unit tree and the management chain neither, a quarter lies inside its year, check-ins freeze
 once the cycle is closed, a key result moves only within its cycle, carry-over goes forward.
+
+KPIs drive key results: `KPIProgress` is the policy that follows the metrics service's log (as
+the contract describes it, never through the metrics classes) and appends a check-in naming
+the measurement to each key result bound to a measured KPI, in the goals log, with its tracking
+position in the same transaction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import date
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from typing import Any
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.application import AggregateNotFoundError, ProcessingEvent
 from eventsourcing.domain import MutableOrImmutableAggregate
+from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.projection import EventSourcedProjection
 
-from services.common.eventstore import TandemApplication, Written, retry_on_conflict
+from services.common.eventstore import (
+    CommandContext,
+    TandemApplication,
+    Written,
+    _current_context,
+    new_correlation_id,
+    retry_on_conflict,
+)
 from services.goals.domain import (
+    KPI_CHECK_IN_NOTE,
     UNCHANGED,
     CoachingWarning,
     Cycle,
@@ -31,6 +52,7 @@ from services.goals.domain import (
     DomainError,
     KeyResult,
     KeyResultKind,
+    KPIBinding,
     Objective,
     ObjectiveStatus,
     OrgUnit,
@@ -39,8 +61,11 @@ from services.goals.domain import (
     Unchanged,
     UnitKind,
     coaching_warnings,
+    key_result_frozen,
     objective_score,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_ALIGNMENT_NODES = 10_000  # objectives visited looking for an alignment cycle
 MAX_TREE_DEPTH = 64  # levels walked up the unit tree or the management chain
@@ -439,15 +464,19 @@ class Goals(TandemApplication):
                                unit_id=original.unit_id, cycle_id=to_cycle_id, status=status,
                                carried_from=original.id)
         copies = []
+        bindings: dict[UUID, KPIBinding] = {}
         for kr in self.key_results_of(original):
             copy = KeyResult.define(objective_id=new.id, title=kr.title, kind=kr.kind, start=kr.start,
                                     target=kr.target, low=kr.low, high=kr.high,
                                     milestones=[dict(m) for m in kr.milestones], unit=kr.unit,
                                     weight=kr.weight, owner_id=kr.owner_id)
+            if kr.kpi_id is not None:  # the copy follows the same KPI
+                copy.bind_to_kpi(kr.kpi_id)
+                bindings.setdefault(kr.kpi_id, self._kpi_binding(kr.kpi_id)).bind(copy.id)
             new.attach_key_result(copy.id)
             copies.append(copy)
         original.record_carry_over(new.id, to_cycle_id)
-        return self.save_together(new, *copies, original)
+        return self.save_together(new, *copies, original, *bindings.values())[:len(copies) + 2]
 
     def key_results_of(self, objective: Objective) -> list[KeyResult]:
         """The objective's key results, as it lists them."""
@@ -509,10 +538,9 @@ class Goals(TandemApplication):
     def _refuse_if_frozen(self, kr: KeyResult) -> None:
         """A key result moves only while its objective is open and its cycle is not closed."""
         objective = self.get_objective(kr.objective_id)
-        if self.get_cycle(objective.cycle_id).status == CycleStatus.closed:
-            raise DomainError("the cycle is closed: its key results are frozen")
-        if not objective.is_open:
-            raise DomainError(f"the key result's objective is {objective.status}: its key results are frozen")
+        reason = key_result_frozen(objective, self.get_cycle(objective.cycle_id))
+        if reason is not None:
+            raise DomainError(reason)
 
     @retry_on_conflict
     def check_in(
@@ -602,8 +630,202 @@ class Goals(TandemApplication):
         target.attach_key_result(kr.id)
         return self.save_together(kr, source, target)[0]
 
+    # Key results that follow KPIs -----------------------------------------------------------
+
+    def get_kpi_binding(self, kpi_id: UUID) -> KPIBinding | None:
+        """The key results bound to a KPI, from the event store (None: none ever was)."""
+        try:
+            return self._load(KPIBinding, KPIBinding.create_id(kpi_id))
+        except AggregateNotFoundError:
+            return None
+
+    def _kpi_binding(self, kpi_id: UUID) -> KPIBinding:
+        return self.get_kpi_binding(kpi_id) or KPIBinding(kpi_id=kpi_id)
+
+    @retry_on_conflict
+    def bind_key_result_to_kpi(self, key_result_id: UUID, kpi_id: UUID, expected_version: int | None = None) -> Written:
+        """Bind a key result of a numeric kind to a KPI (an id of the metrics service, opaque
+        here): from then on each new measurement of the KPI becomes a check-in. The key result
+        and the KPI's binding index (and, when it followed another KPI, that one's) are saved in
+        one transaction. Binding to the KPI already followed records nothing. The `Written` is
+        the key result's."""
+        kr = self.get_key_result(key_result_id)
+        self.check_version(kr, expected_version)
+        if kr.kpi_id == kpi_id:
+            return self.save_written(kr)
+        self._refuse_if_frozen(kr)
+        previous = kr.kpi_id
+        kr.bind_to_kpi(kpi_id)
+        binding = self._kpi_binding(kpi_id)
+        binding.bind(kr.id)
+        changed: list[MutableOrImmutableAggregate[UUID]] = [kr, binding]
+        old = self.get_kpi_binding(previous) if previous is not None else None
+        if old is not None:
+            old.unbind(kr.id)
+            changed.append(old)
+        return self.save_together(*changed)[0]
+
+    @retry_on_conflict
+    def unbind_key_result_from_kpi(self, key_result_id: UUID, expected_version: int | None = None) -> Written:
+        """Stop following the KPI (also once frozen: it only stops what would come). The
+        check-ins it brought stay. The `Written` is the key result's."""
+        kr = self.get_key_result(key_result_id)
+        self.check_version(kr, expected_version)
+        previous = kr.kpi_id
+        kr.unbind_from_kpi()
+        changed: list[MutableOrImmutableAggregate[UUID]] = [kr]
+        binding = self.get_kpi_binding(previous) if previous is not None else None
+        if binding is not None:
+            binding.unbind(kr.id)
+            changed.append(binding)
+        return self.save_together(*changed)[0]
+
+    # Guardrails ----------------------------------------------------------------------------
+
+    @retry_on_conflict
+    def add_guardrail(self, objective_id: UUID, kpi_id: UUID, expected_version: int | None = None) -> Written:
+        """Name a KPI that must stay healthy while the objective is pursued (again: nothing)."""
+        objective = self.get_objective(objective_id)
+        self.check_version(objective, expected_version)
+        objective.add_guardrail(kpi_id)
+        return self.save_written(objective)
+
+    @retry_on_conflict
+    def remove_guardrail(self, objective_id: UUID, kpi_id: UUID, expected_version: int | None = None) -> Written:
+        objective = self.get_objective(objective_id)
+        self.check_version(objective, expected_version)
+        objective.remove_guardrail(kpi_id)
+        return self.save_written(objective)
+
     def forecast_key_result(self, key_result_id: UUID) -> tuple[float | None, float | None]:
         """The projected value and score at the end of the key result's cycle."""
         kr = self.get_key_result(key_result_id)
         cycle = self.get_cycle(self.get_objective(kr.objective_id).cycle_id)
         return kr.forecast(cycle.ends_on)
+
+
+# The KPI policy ----------------------------------------------------------------------------------
+
+POLICY_ACTOR = "kpi-policy"
+POLICY_ATTEMPTS = 20
+CAUSED_BY_METRICS = "metrics:{}"
+"""A check-in the policy appends names the metrics log position that caused it."""
+
+
+class KPIProgress(EventSourcedProjection[UUID], TandemApplication):
+    """The policy by which KPIs drive key results.
+
+    It follows the metrics log as contract events (`services.common.projections.ContractEvent`:
+    a type name and the JSON state, no metrics classes). For each `KPIMeasured` it finds the
+    key results bound to the KPI in the KPI's `KPIBinding` (in the event store, so never behind
+    the bindings committed before it looks) and appends to each one that takes check-ins a
+    `KeyResultProgressed` naming the measurement (value, the day of `measured_at` in UTC, no
+    confidence); for each `KPIMeasurementCorrected` it corrects the check-in that carries the
+    measurement. A key result whose objective is closed or archived, or whose cycle is closed, or
+    that has been unbound since, is skipped (the event is still tracked).
+
+    Its recorder is the library's process recorder for the name "Goals": the events go into the
+    goals log (`goals.goals_events`, which the `Goals` application writes too; aggregate versions
+    keep the two apart, and a lost race is run again) and the tracking position into
+    `goals.goals_tracking`, in the same transaction: each measurement moves each bound key result
+    exactly once, across restarts of either service.
+    """
+
+    name = "Goals"
+
+    def __init__(self, env: Any = None) -> None:
+        super().__init__(env)
+        self._in_hand = threading.Lock()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """The library's runner leaves the projection (closing its connections) before it joins
+        the thread that processes events: let the event in hand finish first, so that stopping
+        never cuts one off (it would roll back, and be processed again on the next start)."""
+        with self._in_hand:
+            super().__exit__(*exc_info)
+
+    def process_event(self, domain_event: Any, tracking: Tracking) -> None:
+        """Handle one metrics event with the metadata every stored event carries: the policy as
+        the actor, the measurement's correlation and trace, and the metrics log position as the
+        cause."""
+        with self._in_hand:
+            self._process_in_context(domain_event, tracking)
+
+    def _process_in_context(self, domain_event: Any, tracking: Tracking) -> None:
+        meta = getattr(domain_event, "meta", None) or {}
+        context = CommandContext(
+            actor=POLICY_ACTOR,
+            correlation_id=str(meta.get("correlation_id") or new_correlation_id()),
+            causation_id=CAUSED_BY_METRICS.format(tracking.notification_id),
+            trace_id=meta.get("trace_id"),
+        )
+        token = _current_context.set(context)
+        try:
+            self._process(domain_event, tracking)
+        finally:
+            _current_context.reset(token)
+
+    def _process(self, domain_event: Any, tracking: Tracking) -> None:
+        """The library's processing (policy, then events and tracking in one transaction), run
+        again from a fresh load when a key result changed under it (a check-in through the API
+        took its next version). If the position turns out to be tracked already (another
+        runner got there first), there is nothing left to do."""
+        for attempt in range(POLICY_ATTEMPTS):
+            try:
+                super().process_event(domain_event, tracking)
+                return
+            except IntegrityError:
+                if self.recorder.has_tracking_id(tracking.application_name, tracking.notification_id):
+                    return
+                if attempt == POLICY_ATTEMPTS - 1:
+                    raise
+                time.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 - jitter
+
+    def policy(self, domain_event: Any, processing_event: ProcessingEvent[UUID]) -> None:  # type: ignore[override]
+        if domain_event.type == "KPIMeasured":
+            self._measured(domain_event, processing_event)
+        elif domain_event.type == "KPIMeasurementCorrected":
+            self._measurement_corrected(domain_event, processing_event)
+
+    def _measured(self, e: Any, processing_event: ProcessingEvent[UUID]) -> None:
+        measured_at: datetime = e.data["measured_at"]
+        for kr in self.followers(e.originator_id):
+            with _refused_is_skipped(kr, e):
+                if kr.record_measurement(kpi_id=e.originator_id, measurement_id=e.data["measurement_id"],
+                                         value=float(e.data["value"]), valid_on=measured_at.astimezone(UTC).date(),
+                                         note=KPI_CHECK_IN_NOTE):
+                    processing_event.collect_events(kr)
+
+    def _measurement_corrected(self, e: Any, processing_event: ProcessingEvent[UUID]) -> None:
+        note = f"{KPI_CHECK_IN_NOTE}, corrected: {e.data.get('reason') or 'no reason given'}"
+        for kr in self.followers(e.originator_id):
+            with _refused_is_skipped(kr, e):
+                if kr.correct_measurement(measurement_id=e.data["measurement_id"], value=float(e.data["value"]),
+                                          note=note):
+                    processing_event.collect_events(kr)
+
+    def followers(self, kpi_id: UUID) -> list[KeyResult]:
+        """The key results bound to the KPI that take check-ins now."""
+        try:
+            binding = self.repository.get(KPIBinding.create_id(kpi_id))
+        except AggregateNotFoundError:
+            return []
+        out = []
+        for key_result_id in binding.key_result_ids:
+            kr: KeyResult = self.repository.get(key_result_id)
+            if kr.kpi_id != kpi_id:
+                continue
+            objective: Objective = self.repository.get(kr.objective_id)
+            if key_result_frozen(objective, self.repository.get(objective.cycle_id)) is None:
+                out.append(kr)
+        return out
+
+
+@contextmanager
+def _refused_is_skipped(kr: KeyResult, e: Any) -> Iterator[None]:
+    """A key result that refuses a measurement is skipped (and said so), never retried forever:
+    one event the domain will not take must not stop the policy."""
+    try:
+        yield
+    except DomainError as error:
+        log.warning("key result %s skipped %s of KPI %s: %s", kr.id, e.type, e.originator_id, error)

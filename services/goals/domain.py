@@ -24,7 +24,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any, NamedTuple, Protocol
-from uuid import UUID
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
 
@@ -70,6 +70,11 @@ class KeyResultKind(enum.StrEnum):
     stay_within = "stay_within"
     done = "done"
     milestones = "milestones"
+
+
+# The kinds measured by a number, which a KPI's measurements can move.
+NUMERIC_KINDS = frozenset({KeyResultKind.increase_to, KeyResultKind.decrease_to, KeyResultKind.stay_above,
+                           KeyResultKind.stay_below, KeyResultKind.stay_within})
 
 
 # Bands on the 0.0-1.0 scale (DESIGN.md, "Scoring, exactly").
@@ -449,6 +454,7 @@ class Objective(Aggregate):
         self.final_score: float | None = None
         self.grade_reason: str | None = None
         self.carried_to_cycles: list[UUID] = []
+        self.guardrails: list[UUID] = []  # KPIs (of the metrics service) that must stay healthy
 
     @classmethod
     def define(
@@ -651,6 +657,32 @@ class Objective(Aggregate):
         self.final_score = final_score
         self.grade_reason = reason
 
+    # Guardrails: KPIs that must stay healthy while the objective is pursued. A KPI's id is
+    # opaque here (KPIs live in the metrics service); the read model knows their health.
+
+    def add_guardrail(self, kpi_id: UUID) -> None:
+        """Name a KPI that must stay healthy; naming it again records nothing."""
+        if kpi_id in self.guardrails:
+            return
+        self._require_open("get guardrails")
+        if len(self.guardrails) >= MAX_GUARDRAILS:
+            raise DomainError(f"an objective names at most {MAX_GUARDRAILS} guardrail KPIs")
+        self._guardrail_added(kpi_id=kpi_id)
+
+    @event("GuardrailAdded")
+    def _guardrail_added(self, kpi_id: UUID) -> None:
+        self.guardrails.append(kpi_id)
+
+    def remove_guardrail(self, kpi_id: UUID) -> None:
+        if kpi_id not in self.guardrails:
+            raise DomainError("the objective has no such guardrail KPI")
+        self._require_open("give up guardrails")
+        self._guardrail_removed(kpi_id=kpi_id)
+
+    @event("GuardrailRemoved")
+    def _guardrail_removed(self, kpi_id: UUID) -> None:
+        self.guardrails.remove(kpi_id)
+
     # Carry-over into a later cycle.
 
     def record_carry_over(self, to_objective_id: UUID, to_cycle_id: UUID) -> None:
@@ -664,6 +696,19 @@ class Objective(Aggregate):
     @event("CarriedOver")
     def _carried_over(self, to_objective_id: UUID, to_cycle_id: UUID) -> None:
         self.carried_to_cycles.append(to_cycle_id)
+
+
+MAX_GUARDRAILS = 10
+
+
+def key_result_frozen(objective: Objective, cycle: Cycle) -> str | None:
+    """Why a key result of this objective (in this cycle) takes no check-ins now, or None: a
+    closed cycle freezes its key results, and so does an objective no longer open."""
+    if cycle.status == CycleStatus.closed:
+        return "the cycle is closed: its key results are frozen"
+    if not objective.is_open:
+        return f"the key result's objective is {objective.status}: its key results are frozen"
+    return None
 
 
 def _require_score(score: float | None, *, allow_none: bool) -> None:
@@ -700,6 +745,8 @@ class Unchanged(enum.Enum):
 UNCHANGED = Unchanged.token
 """For `KeyResult.revise`: leave this field as it is."""
 
+KPI_CHECK_IN_NOTE = "KPI measurement"
+
 
 class KeyResult(Aggregate):
     """A measurable result of one objective; each check-in appends `KeyResultProgressed`.
@@ -708,7 +755,23 @@ class KeyResult(Aggregate):
     in the history. The current value is that of the effective check-in with the latest
     `valid_on` (for the same day, the one recorded first as a check-in comes first: a
     correction fixes an entry in place, it does not make it newer).
+
+    A key result of a numeric kind can be bound to a KPI of the metrics service (`kpi_id`):
+    each new measurement of the KPI then arrives as a check-in that names the measurement
+    (`record_measurement`, appended by the goals service's KPI policy), and a corrected
+    measurement corrects that check-in (`correct_measurement`).
     """
+
+    class Progressed(Aggregate.Event):
+        """A check-in: a value for a day (`valid_on`), with a confidence and a note."""
+
+        value: float
+        confidence: int | None
+        note: str
+        valid_on: date
+        # The KPI measurement the check-in carries, when a bound KPI's measurement made it;
+        # check-ins recorded before KPIs drove key results name none.
+        measurement_id: UUID | None = None
 
     @event("Created")
     def __init__(
@@ -743,6 +806,9 @@ class KeyResult(Aggregate):
         self.correction_count = 0
         # One entry per check-in (Progressed), in recorded order, with corrections applied.
         self._check_ins: list[dict[str, Any]] = []
+        self.kpi_id: UUID | None = None
+        # str(measurement id) -> the version of the check-in that carries it.
+        self.measurements: dict[str, int] = {}
 
     @classmethod
     def define(
@@ -796,14 +862,75 @@ class KeyResult(Aggregate):
         self._validate_check_in(value, confidence)
         self._progressed(value=value, confidence=confidence, note=note, valid_on=valid_on)
 
-    @event("Progressed")
-    def _progressed(self, value: float, confidence: int | None, note: str, valid_on: date) -> None:
+    @event(Progressed)
+    def _progressed(self, value: float, confidence: int | None, note: str, valid_on: date,
+                    measurement_id: UUID | None = None) -> None:
         # A check-in for an earlier date is history (kept, and used by the forecast) but does
         # not move the key result back: the current value is the one for the latest date.
         self._check_ins.append({"version": self.version + 1, "valid_on": valid_on, "value": value,
-                                "confidence": confidence, "note": note, "corrected_by": None})
+                                "confidence": confidence, "note": note, "corrected_by": None,
+                                "measurement_id": measurement_id})
+        if measurement_id is not None:
+            self.measurements[str(measurement_id)] = self.version + 1
         self.check_in_count += 1
         self._recompute_current()
+
+    # Following a KPI.
+
+    def bind_to_kpi(self, kpi_id: UUID) -> None:
+        """Follow a KPI: from now on each new measurement of it becomes a check-in. Only a key
+        result measured by a number can (not done/not-done, not milestones); binding to another
+        KPI replaces the one followed, and to the same one records nothing."""
+        if self.kind not in NUMERIC_KINDS:
+            raise DomainError(f"a {self.kind.value} key result cannot follow a KPI; only "
+                              f"{', '.join(sorted(k.value for k in NUMERIC_KINDS))} key results can")
+        if kpi_id != self.kpi_id:
+            self._bound_to_kpi(kpi_id=kpi_id)
+
+    @event("BoundToKPI")
+    def _bound_to_kpi(self, kpi_id: UUID) -> None:
+        self.kpi_id = kpi_id
+
+    def unbind_from_kpi(self) -> None:
+        """Stop following the KPI; the check-ins it brought stay."""
+        if self.kpi_id is None:
+            raise DomainError("the key result is not bound to a KPI")
+        self._unbound_from_kpi()
+
+    @event("UnboundFromKPI")
+    def _unbound_from_kpi(self) -> None:
+        self.kpi_id = None
+
+    def record_measurement(self, *, kpi_id: UUID, measurement_id: UUID, value: float, valid_on: date,
+                           note: str = KPI_CHECK_IN_NOTE) -> bool:
+        """A measurement of the bound KPI, as a check-in that names it (with no confidence: a
+        number from a system says nothing about anyone's belief). Records nothing (False) when
+        the key result does not follow that KPI, or already carries the measurement."""
+        if kpi_id != self.kpi_id or str(measurement_id) in self.measurements:
+            return False
+        self._validate_check_in(value, None)
+        self._progressed(value=value, confidence=None, note=note, valid_on=valid_on, measurement_id=measurement_id)
+        return True
+
+    def correct_measurement(self, *, measurement_id: UUID, value: float, note: str) -> bool:
+        """A measurement was corrected in the metrics service: correct the check-in that carries
+        it (its day and confidence stay). Records nothing (False) when no check-in carries the
+        measurement, or the check-in already says that value."""
+        version = self.measurements.get(str(measurement_id))
+        if version is None:
+            return False
+        entry = next(c for c in self._check_ins if c["version"] == version)
+        if entry["value"] == value:
+            return False
+        self._validate_check_in(value, entry["confidence"])
+        self._check_in_corrected(corrects_version=version, value=value, confidence=entry["confidence"],
+                                 note=note, valid_on=entry["valid_on"])
+        return True
+
+    def measurement_of(self, version: int) -> UUID | None:
+        """The KPI measurement the check-in recorded at `version` carries, if any."""
+        entry = next((c for c in self._check_ins if c["version"] == version), None)
+        return entry.get("measurement_id") if entry else None
 
     def correct_check_in(
         self,
@@ -925,6 +1052,47 @@ class KeyResult(Aggregate):
     @event("MovedToObjective")
     def _moved_to_objective(self, objective_id: UUID) -> None:
         self.objective_id = objective_id
+
+
+# The KPI binding index -------------------------------------------------------------------------
+
+KPI_BINDING_NAMESPACE = uuid5(NAMESPACE_URL, "https://tandem.dev/goals/kpi-bindings")
+"""Fixed forever: a binding's id is derived from it and the KPI's id."""
+
+
+class KPIBinding(Aggregate):
+    """The key results bound to one KPI: the index the KPI policy reads to find them.
+
+    Kept in the event store (never only in a read model, which lags), and saved in the same
+    transaction as each `KeyResult.BoundToKPI` / `UnboundFromKPI`, so the policy finds exactly
+    the key results that follow the KPI as of the events it has seen. Its id follows from the
+    KPI's (`create_id`), so anyone holding a KPI id can load it without a lookup.
+    """
+
+    @staticmethod
+    def create_id(kpi_id: UUID) -> UUID:
+        return uuid5(KPI_BINDING_NAMESPACE, str(kpi_id))
+
+    @event("Created")
+    def __init__(self, kpi_id: UUID) -> None:
+        self.kpi_id = kpi_id
+        self.key_result_ids: list[UUID] = []
+
+    def bind(self, key_result_id: UUID) -> None:
+        if key_result_id not in self.key_result_ids:
+            self._key_result_bound(key_result_id=key_result_id)
+
+    @event("KeyResultBound")
+    def _key_result_bound(self, key_result_id: UUID) -> None:
+        self.key_result_ids.append(key_result_id)
+
+    def unbind(self, key_result_id: UUID) -> None:
+        if key_result_id in self.key_result_ids:
+            self._key_result_unbound(key_result_id=key_result_id)
+
+    @event("KeyResultUnbound")
+    def _key_result_unbound(self, key_result_id: UUID) -> None:
+        self.key_result_ids.remove(key_result_id)
 
 
 # Scores and forecasts --------------------------------------------------------------------------
@@ -1101,6 +1269,33 @@ def lint_objective(
             f"'{objective.title}' has {n} key results; keep to {MIN_KEY_RESULTS}-{MAX_KEY_RESULTS} that matter most.",
             "objective", objective.id))
     return warnings
+
+
+class GuardrailFacts(Protocol):
+    """What the guardrail lint reads of a guardrail KPI's health (the read model knows it)."""
+
+    @property
+    def kpi_id(self) -> UUID: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def breached(self) -> bool: ...
+
+
+def lint_guardrails(objective: ObjectiveFacts, guardrails: Sequence[GuardrailFacts]) -> list[CoachingWarning]:
+    """An objective pursued (draft or active) while a KPI it named as a guardrail is breached."""
+    if objective.status not in (ObjectiveStatus.draft, ObjectiveStatus.active):
+        return []
+    breached = [g.name or str(g.kpi_id) for g in guardrails if g.breached]
+    if not breached:
+        return []
+    which = (f"its guardrail KPI '{breached[0]}' is" if len(breached) == 1
+             else "its guardrail KPIs " + ", ".join(f"'{n}'" for n in breached) + " are")
+    return [CoachingWarning(
+        "guardrail_breached",
+        f"'{objective.title}' is pursued while {which} breached: the push may be costing the floor; "
+        "fix the KPI before pushing on.",
+        "objective", objective.id)]
 
 
 def coaching_warnings(

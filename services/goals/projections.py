@@ -10,6 +10,10 @@ inclusive; `effective` is false for one that never was, such as an assignment re
 own first day), and `check_ins` holds each check-in and each correction as its own row.
 Derived values (a key result's current value, score and forecast) come from the domain's own
 functions, so that the read model and the write side always agree.
+
+Beside it, following the metrics log (as contract events): the KPI policy (`KPIProgress`, an
+event-sourced projection that writes into the goals log) and `kpi_health`, a small read model of
+which KPIs are breached or stale, for the guardrails of objectives.
 """
 
 from __future__ import annotations
@@ -21,15 +25,20 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.dispatch import singledispatchmethod
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import InfrastructureFactory, StoredEvent, Tracking
+from eventsourcing.postgres import PostgresProcessRecorder
 from eventsourcing.projection import Projection
+from eventsourcing.utils import Environment, get_topic
+from psycopg.sql import SQL, Identifier
 
-from services.common.projections import ProjectionSpec, ReadModel, Statement
-from services.goals.application import Goals
+from services.common.database import eventsourcing_env, projection_channel
+from services.common.projections import ContractEvent, ProjectionSpec, ReadModel, Statement, followed_log
+from services.goals.application import Goals, KPIProgress
 from services.goals.domain import (
     CheckIn,
     Cycle,
     KeyResult,
+    KPIBinding,
     Measure,
     Objective,
     OrgUnit,
@@ -40,7 +49,7 @@ from services.goals.domain import (
 
 PROJECTION_NAME = "goals_view"  # the tracking table is `<name>_tracking`
 TABLES = ("units", "people", "person_units", "person_managers", "cycles", "objectives", "contributions",
-          "key_results", "check_ins")
+          "objective_guardrails", "key_results", "check_ins")
 
 
 class GoalsReadModel(ReadModel):
@@ -82,6 +91,10 @@ class GoalsReadModel(ReadModel):
             objective_id uuid NOT NULL, to_objective_id uuid NOT NULL, weight double precision NOT NULL,
             PRIMARY KEY (objective_id, to_objective_id))""",
         "CREATE INDEX IF NOT EXISTS contributions_to ON {schema}.contributions (to_objective_id)",
+        # The KPIs an objective names as guardrails (`version`: the objective's, when added).
+        """CREATE TABLE IF NOT EXISTS {schema}.objective_guardrails (
+            objective_id uuid NOT NULL, kpi_id uuid NOT NULL, version bigint NOT NULL,
+            PRIMARY KEY (objective_id, kpi_id))""",
         """CREATE TABLE IF NOT EXISTS {schema}.key_results (
             id uuid PRIMARY KEY, objective_id uuid NOT NULL, title text NOT NULL, kind text NOT NULL,
             start double precision, target double precision, low double precision,
@@ -89,16 +102,18 @@ class GoalsReadModel(ReadModel):
             weight double precision NOT NULL, owner_id uuid, current double precision,
             current_valid_on date, confidence smallint, score double precision,
             forecast_value double precision, forecast_score double precision,
-            check_in_count integer NOT NULL, correction_count integer NOT NULL, version bigint NOT NULL,
-            created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
+            check_in_count integer NOT NULL, correction_count integer NOT NULL, kpi_id uuid,
+            version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS key_results_objective ON {schema}.key_results (objective_id)",
+        "CREATE INDEX IF NOT EXISTS key_results_kpi ON {schema}.key_results (kpi_id)",
         # A check-in (corrects_version null; corrected_by: its latest correction, if any) or a
-        # correction of one (corrects_version: the check-in it replaces).
+        # correction of one (corrects_version: the check-in it replaces). measurement_id: the
+        # KPI measurement a check-in carries (a correction: that of the check-in it corrects).
         """CREATE TABLE IF NOT EXISTS {schema}.check_ins (
             key_result_id uuid NOT NULL, version bigint NOT NULL, value double precision NOT NULL,
             confidence smallint, note text NOT NULL, valid_on date NOT NULL,
             corrects_version bigint, corrected_by bigint,
-            recorded_at timestamptz NOT NULL, actor text NOT NULL,
+            recorded_at timestamptz NOT NULL, actor text NOT NULL, measurement_id uuid,
             PRIMARY KEY (key_result_id, version))""",
     )
 
@@ -275,6 +290,19 @@ class GoalsProjection(Projection[GoalsReadModel]):
         self.view.apply(tracking, [_set("objectives", e, final_score=e.final_score, grade_reason=e.reason)])
 
     @process_event.register
+    def _(self, e: Objective.GuardrailAdded, tracking: Tracking) -> None:
+        self.view.apply(tracking, [
+            _insert("objective_guardrails", objective_id=e.originator_id, kpi_id=e.kpi_id, version=e.originator_version),
+            _set("objectives", e)])
+
+    @process_event.register
+    def _(self, e: Objective.GuardrailRemoved, tracking: Tracking) -> None:
+        self.view.apply(tracking, [
+            ("DELETE FROM {schema}.objective_guardrails WHERE objective_id = %s AND kpi_id = %s",
+             (e.originator_id, e.kpi_id)),
+            _set("objectives", e)])
+
+    @process_event.register
     def _(self, e: Objective.CarriedOver, tracking: Tracking) -> None:
         self.view.apply(tracking, [
             ("UPDATE {schema}.objectives SET carried_to = array_append(carried_to, %s) WHERE id = %s",
@@ -290,7 +318,8 @@ class GoalsProjection(Projection[GoalsReadModel]):
             start=e.start, target=e.target, low=e.low, high=e.high, milestones=json.dumps(e.milestones),
             unit=e.unit, weight=e.weight, owner_id=e.owner_id, current=None, current_valid_on=None,
             confidence=None, score=None, forecast_value=None, forecast_score=None, check_in_count=0,
-            correction_count=0, version=e.originator_version, created_at=e.timestamp, updated_at=e.timestamp)])
+            correction_count=0, kpi_id=None, version=e.originator_version, created_at=e.timestamp,
+            updated_at=e.timestamp)])
 
     @process_event.register
     def _(self, e: KeyResult.Progressed, tracking: Tracking) -> None:
@@ -300,7 +329,7 @@ class GoalsProjection(Projection[GoalsReadModel]):
         self.view.apply(tracking, [
             _insert("check_ins", key_result_id=e.originator_id, version=e.originator_version, value=e.value,
                     confidence=e.confidence, note=e.note, valid_on=e.valid_on, corrects_version=None,
-                    corrected_by=None, recorded_at=e.timestamp, actor=_actor(e)),
+                    corrected_by=None, recorded_at=e.timestamp, actor=_actor(e), measurement_id=e.measurement_id),
             *self._key_result_changed(e, add, check_ins=1),
         ])
 
@@ -315,6 +344,9 @@ class GoalsProjection(Projection[GoalsReadModel]):
                     corrected_by=None, recorded_at=e.timestamp, actor=_actor(e)),
             ("UPDATE {schema}.check_ins SET corrected_by = %s WHERE key_result_id = %s AND version = %s",
              (e.originator_version, e.originator_id, e.corrects_version)),
+            ("UPDATE {schema}.check_ins c SET measurement_id = o.measurement_id FROM {schema}.check_ins o "
+             "WHERE c.key_result_id = %s AND c.version = %s AND o.key_result_id = c.key_result_id "
+             "AND o.version = %s", (e.originator_id, e.originator_version, e.corrects_version)),
             *self._key_result_changed(e, correct, corrections=1),
         ])
 
@@ -327,6 +359,21 @@ class GoalsProjection(Projection[GoalsReadModel]):
     @process_event.register
     def _(self, e: KeyResult.MovedToObjective, tracking: Tracking) -> None:
         self.view.apply(tracking, self._key_result_changed(e, objective_id=e.objective_id))
+
+    @process_event.register
+    def _(self, e: KeyResult.BoundToKPI, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("key_results", e, kpi_id=e.kpi_id)])
+
+    @process_event.register
+    def _(self, e: KeyResult.UnboundFromKPI, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("key_results", e, kpi_id=None)])
+
+    # The KPI binding index: the key results' rows say which KPI each follows.
+
+    @process_event.register
+    def _(self, e: KPIBinding.Created | KPIBinding.KeyResultBound | KPIBinding.KeyResultUnbound,
+          tracking: Tracking) -> None:
+        self.view.apply(tracking)
 
     def _key_result_changed(
         self, e: Any, change: Callable[[dict[int, CheckIn]], None] | None = None, *,
@@ -381,7 +428,102 @@ def handled_event_types() -> Sequence[type]:
     return [t for t in registry if t is not object]
 
 
+# KPI health ----------------------------------------------------------------------------------
+
+KPI_HEALTH_NAME = "kpi_health"  # the tracking table is `kpi_health_tracking`
+
+
+class KPIHealthReadModel(ReadModel):
+    """Which KPIs of the metrics service are breached (the ids of their rules that fired and
+    have not recovered) or stale, with their names: what the guardrails of objectives show."""
+
+    tables = (
+        """CREATE TABLE IF NOT EXISTS {schema}.kpi_health (
+            kpi_id uuid PRIMARY KEY, name text, breached_rules text[] NOT NULL, stale boolean NOT NULL,
+            updated_at timestamptz NOT NULL)""",
+    )
+
+
+def _kpi_health(e: ContractEvent, update: str, *params: Any, name: str | None = None,
+                breached: Sequence[str] = (), stale: bool = False) -> Statement:
+    """Upsert the KPI's row: as given when it is new, else `update` (assignments to `h`)."""
+    return ("INSERT INTO {schema}.kpi_health AS h (kpi_id, name, breached_rules, stale, updated_at) "
+            f"VALUES (%s, %s, %s, %s, %s) ON CONFLICT (kpi_id) DO UPDATE SET {update}, updated_at = %s",
+            (e.originator_id, name, list(breached), stale, e.timestamp, *params, e.timestamp))
+
+
+KPI_HEALTH_HANDLERS: dict[str, Callable[[ContractEvent], list[Statement]]] = {
+    "KPIDefined": lambda e: [_kpi_health(e, "name = %s", e.data["name"], name=e.data["name"])],
+    "KPIThresholdBreached": lambda e: [_kpi_health(
+        e, "breached_rules = CASE WHEN %s = ANY(h.breached_rules) THEN h.breached_rules "
+           "ELSE array_append(h.breached_rules, %s) END",
+        e.data["rule_id"], e.data["rule_id"], breached=[e.data["rule_id"]])],
+    "KPIRecovered": lambda e: [_kpi_health(e, "breached_rules = array_remove(h.breached_rules, %s)",
+                                           e.data["rule_id"])],
+    "KPIStale": lambda e: [_kpi_health(e, "stale = true", stale=True)],
+    "KPIFreshened": lambda e: [_kpi_health(e, "stale = false")],
+}
+
+
+class KPIHealthProjection(Projection[KPIHealthReadModel]):
+    """Follows the metrics log's explicit events (KPIDefined, KPIThresholdBreached, KPIRecovered,
+    KPIStale, KPIFreshened); every other event only moves the position."""
+
+    name = KPI_HEALTH_NAME
+
+    def process_event(self, domain_event: ContractEvent, tracking: Tracking) -> None:
+        handler = KPI_HEALTH_HANDLERS.get(domain_event.type)
+        self.view.apply(tracking, handler(domain_event) if handler else [])
+
+
+class AnnouncingProcessRecorder(PostgresProcessRecorder):
+    """The library's process recorder, which also announces each tracking position it records
+    on the channel that read-your-writes waits listen on (as `ReadModel.apply` does), in the
+    same transaction: a read waiting for a metrics position wakes when the policy commits it
+    rather than at its next poll."""
+
+    def __init__(self, datastore: Any, **kwargs: Any) -> None:
+        super().__init__(datastore, **kwargs)
+        self.tracking_channel = projection_channel(f"{self.datastore.schema}.{self.tracking_table_name}")
+
+    def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        super()._insert_events(curs, stored_events, **kwargs)
+        if kwargs.get("tracking") is not None:
+            curs.execute(SQL("NOTIFY {}").format(Identifier(self.tracking_channel)))
+
+
+class EventSourcedProjectionSpec(ProjectionSpec):
+    """A policy's spec: its process recorder announces its positions (`AnnouncingProcessRecorder`),
+    and its tables (the service's log, shared with its write side, and the policy's tracking
+    table) are created at start-up as a read model's are, so that a read reporting positions
+    finds the tracking table before the runner has started."""
+
+    def env(self, database_url: str) -> dict[str, str]:
+        return {**super().env(database_url), **self._recorder_env()}
+
+    def _recorder_env(self) -> dict[str, str]:
+        return {f"{self.projection_class.name.upper()}_PROCESS_RECORDER_TOPIC": get_topic(AnnouncingProcessRecorder)}
+
+    def create_tables(self, database_url: str) -> None:
+        env = Environment(self.projection_class.name, {
+            **eventsourcing_env(database_url, self.view_schema, pool_size=1, max_overflow=0), **self._recorder_env()})
+        factory = InfrastructureFactory.construct(env)
+        try:
+            factory.process_recorder()
+        finally:
+            factory.close()
+
+
+METRICS_LOG = followed_log("Metrics")
+
 GOALS_PROJECTIONS = [
     ProjectionSpec(application_class=Goals, projection_class=GoalsProjection,
                    view_class=GoalsReadModel, application_schema="goals", view_schema="goals"),
+    # The KPI policy: metrics measurements -> KeyResultProgressed in the goals log; its tracking
+    # rows are in goals.goals_tracking.
+    EventSourcedProjectionSpec(application_class=METRICS_LOG, projection_class=KPIProgress, view_class=None,
+                               application_schema="metrics", view_schema="goals"),
+    ProjectionSpec(application_class=METRICS_LOG, projection_class=KPIHealthProjection,
+                   view_class=KPIHealthReadModel, application_schema="metrics", view_schema="goals"),
 ]
+VIEW_SPEC, POLICY_SPEC, KPI_HEALTH_SPEC = GOALS_PROJECTIONS

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from uuid import uuid4
 
 import httpx
 import psycopg
@@ -15,7 +16,7 @@ from services.common.database import ensure_schema
 from services.common.eventstore import event_types
 from services.common.projections import ProjectionSpec
 from services.goals.application import Goals
-from services.goals.domain import Cycle, KeyResult, Objective, OrgUnit, Person
+from services.goals.domain import Cycle, KeyResult, KPIBinding, Objective, OrgUnit, Person
 from services.goals.projections import TABLES, GoalsProjection, GoalsReadModel, handled_event_types
 from tests.integration import test_goals_api
 from tests.integration.test_goals_api import post, read, write
@@ -23,9 +24,10 @@ from tests.integration.test_goals_api import post, read, write
 SESSION_LOOP = pytest.mark.asyncio(loop_scope="session")
 goals = test_goals_api.goals  # the fixture: each module serves its own app
 
-EVENT_TYPES = event_types([OrgUnit, Person, Cycle, Objective, KeyResult])
+EVENT_TYPES = event_types([OrgUnit, Person, Cycle, Objective, KeyResult, KPIBinding])
 KEYS = {"person_units": "person_id, version", "person_managers": "person_id, version",
-        "contributions": "objective_id, to_objective_id", "check_ins": "key_result_id, version"}
+        "contributions": "objective_id, to_objective_id", "check_ins": "key_result_id, version",
+        "objective_guardrails": "objective_id, kpi_id"}
 
 
 def test_every_goals_event_has_a_handler() -> None:
@@ -80,6 +82,14 @@ async def every_kind_of_event(g: httpx.AsyncClient) -> dict[str, Any]:
     await post(g, f"/v1/key-results/{k2['id']}/check-ins", {"value": 99.5, "validOn": "2026-08-20"})
     await write(g, "PUT", f"/v1/key-results/{k2['id']}/objective", {"objectiveId": a})
 
+    kpi_a, kpi_b = str(uuid4()), str(uuid4())
+    await write(g, "PUT", f"/v1/key-results/{k1['id']}/kpi", {"kpiId": kpi_a})
+    await write(g, "PUT", f"/v1/key-results/{k1['id']}/kpi", {"kpiId": kpi_b})  # unbinds from kpi_a
+    await write(g, "PUT", f"/v1/key-results/{k2['id']}/kpi", {"kpiId": kpi_a})
+    await write(g, "DELETE", f"/v1/key-results/{k2['id']}/kpi")
+    await write(g, "PUT", f"/v1/objectives/{b}/guardrails/{kpi_a}")
+    await write(g, "PUT", f"/v1/objectives/{b}/guardrails/{kpi_b}")
+    await write(g, "DELETE", f"/v1/objectives/{b}/guardrails/{kpi_a}")
     await write(g, "POST", f"/v1/cycles/{q3['id']}/close")
     await write(g, "POST", f"/v1/objectives/{b}/regrade", {"finalScore": 0.6, "reason": "churn data came late"})
     return await post(g, f"/v1/objectives/{b}/carry-over", {"toCycleId": q4["id"]})

@@ -48,7 +48,7 @@ async def test_a_changed_read_model_is_rebuilt_from_the_log() -> None:
         last = app.check_in(kr.id, value=4, confidence=6, note="", valid_on=date(2026, 11, 1), expected_version=None)
         app.close()
 
-        [spec] = GOALS_PROJECTIONS
+        spec = GOALS_PROJECTIONS[0]
         spec.create_tables(url)
         await catch_up(url, spec, last.position)
         before = snapshot(url)
