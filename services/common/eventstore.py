@@ -9,10 +9,11 @@ of the domain event.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import date
 from typing import Any, ClassVar, TypeVar
@@ -213,15 +214,22 @@ def retry_on_conflict(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+@contextlib.contextmanager
+def in_context(context: CommandContext) -> Iterator[None]:
+    """Run what follows (synchronously) under a command context: the events it saves carry it."""
+    token = _current_context.set(context)
+    try:
+        yield
+    finally:
+        _current_context.reset(token)
+
+
 async def run_command(context: CommandContext, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a synchronous command in the thread pool under the request's command context."""
 
     def call() -> T:
-        token = _current_context.set(context)
-        try:
+        with in_context(context):
             return fn(*args, **kwargs)
-        finally:
-            _current_context.reset(token)
 
     return await run_in_threadpool(call)
 

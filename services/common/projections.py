@@ -24,14 +24,14 @@ from typing import Any
 
 from eventsourcing.application import Application
 from eventsourcing.persistence import InfrastructureFactory, Mapper, StoredEvent, Tracking
-from eventsourcing.postgres import PostgresTrackingRecorder
+from eventsourcing.postgres import PostgresProcessRecorder, PostgresTrackingRecorder
 from eventsourcing.projection import (
     EventSourcedProjection,
     EventSourcedProjectionRunner,
     Projection,
     ProjectionRunner,
 )
-from eventsourcing.utils import Environment
+from eventsourcing.utils import Environment, get_topic
 from psycopg.sql import SQL, Identifier
 
 from services.common.database import eventsourcing_env, projection_channel
@@ -170,7 +170,8 @@ class ProjectionSpec:
 
     A read-model projection (`Projection` + `view_class`) writes tables; an event-sourced one
     (the library's `EventSourcedProjection`, no `view_class`) is a policy that records new
-    events in its own service's log, with the tracking position in the same transaction.
+    events in its own service's log, with the tracking position in the same transaction, through
+    an `AnnouncingProcessRecorder` so that reads waiting on its positions wake when it commits.
     """
 
     application_class: type[Application[Any]]
@@ -178,6 +179,9 @@ class ProjectionSpec:
     view_class: type[ReadModel] | None
     application_schema: str
     view_schema: str
+
+    def _process_recorder_env(self) -> dict[str, str]:
+        return {f"{self.projection_class.name.upper()}_PROCESS_RECORDER_TOPIC": get_topic(AnnouncingProcessRecorder)}
 
     def runner(self, database_url: str) -> Any:
         if self.view_class is None:
@@ -198,6 +202,8 @@ class ProjectionSpec:
             env[f"{app_name}_{key}"] = value
         for key, value in eventsourcing_env(database_url, self.view_schema, pool_size=1, max_overflow=2).items():
             env[f"{self.projection_class.name.upper()}_{key}"] = value
+        if self.view_class is None:
+            env.update(self._process_recorder_env())
         return env
 
     @property
@@ -212,15 +218,32 @@ class ProjectionSpec:
     def create_tables(self, database_url: str) -> None:
         """Create the read model's tables (tracking included) now, so that a read that waits
         on a position finds them before the projection thread has got going."""
-        if self.view_class is None:
-            return  # an event-sourced projection creates its tables when its runner starts
         env = Environment(self.projection_class.name,
-                          eventsourcing_env(database_url, self.view_schema, pool_size=1, max_overflow=0))
+                          {**eventsourcing_env(database_url, self.view_schema, pool_size=1, max_overflow=0),
+                           **(self._process_recorder_env() if self.view_class is None else {})})
         factory = InfrastructureFactory.construct(env)
         try:
-            factory.tracking_recorder(self.view_class)
+            if self.view_class is None:
+                factory.process_recorder()  # the service's log (shared with its write side) and tracking
+            else:
+                factory.tracking_recorder(self.view_class)
         finally:
             factory.close()
+
+
+class AnnouncingProcessRecorder(PostgresProcessRecorder):
+    """The library's process recorder, which also announces each tracking position it records
+    on the channel read-your-writes waits listen on (as `ReadModel.apply` does), in the same
+    transaction: a read waiting for a position a policy handles wakes when it commits."""
+
+    def __init__(self, datastore: Any, **kwargs: Any) -> None:
+        super().__init__(datastore, **kwargs)
+        self.tracking_channel = projection_channel(f"{self.datastore.schema}.{self.tracking_table_name}")
+
+    def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        super()._insert_events(curs, stored_events, **kwargs)
+        if kwargs.get("tracking") is not None:
+            curs.execute(SQL("NOTIFY {}").format(Identifier(self.tracking_channel)))
 
 
 class ProjectionThread(threading.Thread):

@@ -38,7 +38,7 @@ from services.common.eventstore import (
     CommandContext,
     TandemApplication,
     Written,
-    _current_context,
+    in_context,
     new_correlation_id,
     retry_on_conflict,
 )
@@ -759,11 +759,8 @@ class KPIProgress(EventSourcedProjection[UUID], TandemApplication):
             causation_id=CAUSED_BY_METRICS.format(tracking.notification_id),
             trace_id=meta.get("trace_id"),
         )
-        token = _current_context.set(context)
-        try:
+        with in_context(context):
             self._process(domain_event, tracking)
-        finally:
-            _current_context.reset(token)
 
     def _process(self, domain_event: Any, tracking: Tracking) -> None:
         """The library's processing (policy, then events and tracking in one transaction), run

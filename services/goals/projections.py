@@ -25,13 +25,9 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.dispatch import singledispatchmethod
-from eventsourcing.persistence import InfrastructureFactory, StoredEvent, Tracking
-from eventsourcing.postgres import PostgresProcessRecorder
+from eventsourcing.persistence import Tracking
 from eventsourcing.projection import Projection
-from eventsourcing.utils import Environment, get_topic
-from psycopg.sql import SQL, Identifier
 
-from services.common.database import eventsourcing_env, projection_channel
 from services.common.projections import ContractEvent, ProjectionSpec, ReadModel, Statement, followed_log
 from services.goals.application import Goals, KPIProgress
 from services.goals.domain import (
@@ -476,44 +472,6 @@ class KPIHealthProjection(Projection[KPIHealthReadModel]):
         self.view.apply(tracking, handler(domain_event) if handler else [])
 
 
-class AnnouncingProcessRecorder(PostgresProcessRecorder):
-    """The library's process recorder, which also announces each tracking position it records
-    on the channel that read-your-writes waits listen on (as `ReadModel.apply` does), in the
-    same transaction: a read waiting for a metrics position wakes when the policy commits it
-    rather than at its next poll."""
-
-    def __init__(self, datastore: Any, **kwargs: Any) -> None:
-        super().__init__(datastore, **kwargs)
-        self.tracking_channel = projection_channel(f"{self.datastore.schema}.{self.tracking_table_name}")
-
-    def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
-        super()._insert_events(curs, stored_events, **kwargs)
-        if kwargs.get("tracking") is not None:
-            curs.execute(SQL("NOTIFY {}").format(Identifier(self.tracking_channel)))
-
-
-class EventSourcedProjectionSpec(ProjectionSpec):
-    """A policy's spec: its process recorder announces its positions (`AnnouncingProcessRecorder`),
-    and its tables (the service's log, shared with its write side, and the policy's tracking
-    table) are created at start-up as a read model's are, so that a read reporting positions
-    finds the tracking table before the runner has started."""
-
-    def env(self, database_url: str) -> dict[str, str]:
-        return {**super().env(database_url), **self._recorder_env()}
-
-    def _recorder_env(self) -> dict[str, str]:
-        return {f"{self.projection_class.name.upper()}_PROCESS_RECORDER_TOPIC": get_topic(AnnouncingProcessRecorder)}
-
-    def create_tables(self, database_url: str) -> None:
-        env = Environment(self.projection_class.name, {
-            **eventsourcing_env(database_url, self.view_schema, pool_size=1, max_overflow=0), **self._recorder_env()})
-        factory = InfrastructureFactory.construct(env)
-        try:
-            factory.process_recorder()
-        finally:
-            factory.close()
-
-
 METRICS_LOG = followed_log("Metrics")
 
 GOALS_PROJECTIONS = [
@@ -521,7 +479,7 @@ GOALS_PROJECTIONS = [
                    view_class=GoalsReadModel, application_schema="goals", view_schema="goals"),
     # The KPI policy: metrics measurements -> KeyResultProgressed in the goals log; its tracking
     # rows are in goals.goals_tracking.
-    EventSourcedProjectionSpec(application_class=METRICS_LOG, projection_class=KPIProgress, view_class=None,
+    ProjectionSpec(application_class=METRICS_LOG, projection_class=KPIProgress, view_class=None,
                                application_schema="metrics", view_schema="goals"),
     ProjectionSpec(application_class=METRICS_LOG, projection_class=KPIHealthProjection,
                    view_class=KPIHealthReadModel, application_schema="metrics", view_schema="goals"),
