@@ -74,14 +74,38 @@ class Loader:
                 "validOn": (date.today() - timedelta(weeks=weeks_ago)).isoformat()})
         return kr
 
-    def kpi(self, name: str, unit_id: str, measurements: list[float], **definition: Any) -> str:
+    def kpi(self, name: str, unit_id: str, measurements: list[float], *, days_ago: int = 0,
+            drives: str | None = None, **definition: Any) -> str:
+        """A KPI and its daily measurements, the last `days_ago` days ago; `drives` binds a key
+        result to it first, so that each measurement moves that key result too."""
         kpi = self._post(self.metrics, "metrics", "/v1/kpis", {"name": name, "unitId": unit_id, **definition})
-        now = datetime.now(UTC).replace(microsecond=0)
+        if drives is not None:
+            self._put(f"/v1/key-results/{drives}/kpi", {"kpiId": kpi})
+        now = datetime.now(UTC).replace(microsecond=0) - timedelta(days=days_ago)
         for i, value in enumerate(measurements):
             measured_at = now - timedelta(days=len(measurements) - 1 - i)
             self._post(self.metrics, "metrics", f"/v1/kpis/{kpi}/measurements", {
                 "value": value, "measuredAt": measured_at.isoformat(), "source": "demo"})
         return kpi
+
+    def _put(self, path: str, body: dict[str, Any]) -> None:
+        r = self.goals.put(path, json=body)
+        if r.status_code >= 300:
+            raise RuntimeError(f"demo load failed at PUT {path}: {r.status_code} {r.text}")
+        self.positions["goals"] = max(self.positions["goals"], r.json()["position"])
+
+    def settle(self) -> None:
+        """Run the staleness check now, then wait for goals to have followed every measurement
+        (the KPI policy writes into the goals log), and take the positions that reflects."""
+        r = self.metrics.post("/v1/staleness-checks", headers={"Tandem-Wait-For": f"metrics={self.positions['metrics']}"})
+        r.raise_for_status()
+        self.positions["metrics"] = max(self.positions["metrics"], r.json()["position"])
+        r = self.goals.get("/v1/units", params={"limit": 1},
+                           headers={"Tandem-Wait-For": f"metrics={self.positions['metrics']}"})
+        r.raise_for_status()
+        for part in r.headers["Tandem-Read-Position"].split(","):
+            log, _, position = part.strip().partition("=")
+            self.positions[log] = max(self.positions.get(log, 0), int(position))
 
 
 def load(goals_url: str, metrics_url: str, token: str) -> dict[str, int]:
@@ -115,16 +139,20 @@ def load(goals_url: str, metrics_url: str, token: str) -> dict[str, int]:
     d.key_result(o_support, "Reduce average response time from 8 hours to under 3 hours",
                  [(6.5, 6, "New triage rota live"), (5.5, 7, "Macros for the top ten questions")],
                  kind="decrease_to", start=8, target=3, unit="h", weight=2)
-    d.key_result(o_support, "Achieve a CSAT score of 90%+ on resolved tickets",
-                 [(86, 6, "Survey on every resolved ticket")],
-                 kind="increase_to", start=82, target=90, unit="%")
+    kr_csat = d.key_result(o_support, "Achieve a CSAT score of 90%+ on resolved tickets",
+                           [(86, 6, "Survey on every resolved ticket")],
+                           kind="increase_to", start=82, target=90, unit="%")
     d.key_result(o_support, "Train 100% of the support team in the new response protocols",
                  [(40, 8, "First cohort trained"), (60, 8, "Second cohort trained")],
                  kind="increase_to", start=0, target=100, unit="%")
     d.kpi("Average response time", support, [7.2, 6.4, 5.2], unit="hours", direction="lower_is_better",
           cadence="daily", target=3, rules=[{"kind": "above", "threshold": 6, "recovery": 5.5, "severity": "warning"}])
-    d.kpi("CSAT", support, [91, 92, 88], unit="%", direction="higher_is_better", cadence="weekly", target=90,
-          rules=[{"kind": "below", "threshold": 90, "severity": "critical"}])
+    # The CSAT KPI drives the CSAT key result: its last measurement (88, today) is the KR's value.
+    csat = d.kpi("CSAT", support, [91, 92, 88], drives=kr_csat, unit="%", direction="higher_is_better",
+                 cadence="weekly", target=90, rules=[{"kind": "below", "threshold": 90, "severity": "critical"}])
+    # Nobody has counted tickets for three days: a daily KPI gone stale.
+    d.kpi("Support tickets opened", support, [140, 152], days_ago=3, unit="tickets", direction="lower_is_better",
+          cadence="daily", rules=[])
 
     o_tier1 = d.objective("Make first contact resolve the problem", tier1, cycle, o_support)
     d.key_result(o_tier1, "Keep tickets reopened within 7 days below 5%", [(4.2, 7, "Reopen rate this week")],
@@ -145,6 +173,8 @@ def load(goals_url: str, metrics_url: str, token: str) -> dict[str, int]:
           cadence="monthly", target=10, rules=[{"kind": "above", "threshold": 15, "severity": "warning"}])
 
     o_sales = d.objective("Improve sales performance", sales, cycle, company)
+    # Selling more must not cost customer satisfaction: CSAT is the objective's guardrail.
+    d._put(f"/v1/objectives/{o_sales}/guardrails/{csat}", {})
     # Customers who are well looked after buy again: support counts for half in sales' roll-up.
     d.contribute(o_support, o_sales, 0.5)
     d.key_result(o_sales, "Increase total sales revenue by 25% in Q3", [(4_400_000, 6, "Two enterprise deals closed")],
@@ -155,6 +185,7 @@ def load(goals_url: str, metrics_url: str, token: str) -> dict[str, int]:
           cadence="monthly", target=25_000, rules=[])
     d.kpi("Conversion rate", sales, [2.4, 2.6], unit="%", direction="higher_is_better", cadence="weekly",
           target=3, rules=[{"kind": "below", "threshold": 2, "severity": "critical"}])
+    d.settle()
     return d.positions
 
 

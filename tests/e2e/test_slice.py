@@ -64,18 +64,21 @@ def test_demo_organisation_shows_in_graphql(stack: Stack, admin: dict[str, str],
     [objective] = support["objectives"]
     assert objective["title"] == "Deliver exceptional customer support by the end of Q3"
     krs = {kr["title"]: kr for kr in objective["keyResults"]}
-    # 8 h -> 3 h, latest check-in 5.5 h: 0.5; CSAT 82 -> 90 at 86: 0.5; training 0 -> 100 at 60: 0.6
+    # 8 h -> 3 h, latest check-in 5.5 h: 0.5; training 0 -> 100 at 60: 0.6; the CSAT KR is driven
+    # by the CSAT KPI, whose measurement today (88) outranks the check-in of the same day (86):
+    # 82 -> 90 at 88 = 0.75
     assert krs["Reduce average response time from 8 hours to under 3 hours"]["score"] == pytest.approx(0.5)
-    assert krs["Achieve a CSAT score of 90%+ on resolved tickets"]["score"] == pytest.approx(0.5)
+    assert krs["Achieve a CSAT score of 90%+ on resolved tickets"]["score"] == pytest.approx(0.75)
     assert krs["Train 100% of the support team in the new response protocols"]["score"] == pytest.approx(0.6)
-    assert objective["score"] == pytest.approx((0.5 * 2 + 0.5 + 0.6) / 4)  # response time weighs 2
+    assert objective["score"] == pytest.approx((0.5 * 2 + 0.75 + 0.6) / 4)  # response time weighs 2
     # Tier 1's objective aligns to it: stay_below 5 at 4.2 = 1, stay_within 70-85 at 68 = 0, done = 1
     tier1 = 2 / 3
-    support_rolled = (0.5 * 2 + 0.5 + 0.6 + tier1) / 5
+    support_rolled = (0.5 * 2 + 0.75 + 0.6 + tier1) / 5
     assert objective["rolledUpScore"] == pytest.approx(support_rolled)
     kpis = {k["name"]: k for k in support["kpis"]}
     assert kpis["CSAT"]["state"] == "breached" and kpis["CSAT"]["latestValue"] == 88
     assert kpis["Average response time"]["state"] == "ok"  # breached at 7.2, recovered at 5.2
+    assert kpis["Support tickets opened"]["state"] == "stale"  # daily, last counted three days ago
 
     # The company objective rolls up the three department objectives (weight 1 each); support
     # also contributes to sales with weight 0.5.
@@ -175,3 +178,23 @@ def test_goals_and_gateway_agree_on_every_score(stack: Stack, admin: dict[str, s
     for o in rest["items"]:
         if o["id"] in seen:
             assert (o["score"], o["rolledUpScore"]) == pytest.approx(seen[o["id"]]), o["title"]
+
+
+def test_kpis_drive_and_guard_the_demo_objectives(stack: Stack, admin: dict[str, str],
+                                                  demo_positions: dict[str, int]) -> None:
+    """The CSAT KPI's measurements move the CSAT key result, naming the measurement; CSAT is
+    the sales objective's guardrail, and it is breached."""
+    wait = {"Tandem-Wait-For": f"goals={demo_positions['goals']}, metrics={demo_positions['metrics']}"}
+    objectives = httpx.get(f"{stack.url('goals')}/v1/objectives?limit=200", headers={**admin, **wait},
+                           timeout=30).json()["items"]
+    sales = next(o for o in objectives if o["title"] == "Improve sales performance")
+    assert sales["guardrailBreached"] is True
+    assert [g["name"] for g in sales["guardrails"]] == ["CSAT"]
+    support = next(o for o in objectives if o["title"].startswith("Deliver exceptional customer support"))
+    csat_kr = next(k for k in support["keyResults"] if k["title"].startswith("Achieve a CSAT"))
+    assert csat_kr["kpiId"] and csat_kr["current"] == 88
+    history = httpx.get(f"{stack.url('goals')}/v1/key-results/{csat_kr['id']}/check-ins",
+                        headers={**admin, **wait}, timeout=30).json()["items"]
+    from_kpi = [c for c in history if c["measurementId"]]
+    assert [c["value"] for c in from_kpi] == [88, 92, 91]  # newest first, one per measurement
+    assert {c["actor"] for c in from_kpi} == {"kpi-policy"}
