@@ -50,6 +50,14 @@ TAGGED = {
 }
 
 
+# Types that map to one schema each; UUIDs, datetimes and dates are the library's tagged values.
+_PLAIN: dict[Any, dict[str, Any]] = {
+    UUID: {"$ref": "#/$defs/uuid"}, datetime: {"$ref": "#/$defs/datetime"}, date: {"$ref": "#/$defs/date"},
+    bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
+    object: {},
+}
+
+
 def _type_schema(tp: Any) -> dict[str, Any]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -61,24 +69,10 @@ def _type_schema(tp: Any) -> dict[str, Any]:
         return {"type": "array", "items": _type_schema(args[0]) if args else {}}
     if origin is dict or tp is dict:
         return {"type": "object"}
-    if tp is UUID:
-        return {"$ref": "#/$defs/uuid"}
-    if tp is datetime:
-        return {"$ref": "#/$defs/datetime"}
-    if tp is date:
-        return {"$ref": "#/$defs/date"}
     if inspect.isclass(tp) and issubclass(tp, enum.Enum):
         return {"type": "string", "enum": [m.value for m in tp]}
-    if tp is bool:
-        return {"type": "boolean"}
-    if tp is int:
-        return {"type": "integer"}
-    if tp is float:
-        return {"type": "number"}
-    if tp is str:
-        return {"type": "string"}
-    if tp is object:
-        return {}
+    if tp in _PLAIN:
+        return dict(_PLAIN[tp])
     raise TypeError(f"no JSON Schema mapping for {tp!r}")
 
 

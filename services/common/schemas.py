@@ -44,10 +44,12 @@ class Page(ApiModel, Generic[T]):
     next_cursor: str | None = Field(None, description="Pass as `after` for the next page.")
 
 
-def _iso_text(value: Any) -> Any:
-    if isinstance(value, str | date):
+def _moment(value: Any) -> Any:
+    """A moment is an ISO 8601 date and time (its time zone is checked by AwareDatetime)."""
+    if isinstance(value, date) or (
+            isinstance(value, str) and re.match(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}", value)):
         return value
-    raise ValueError("expected an ISO 8601 string")
+    raise ValueError("expected an ISO 8601 date and time with a time zone")
 
 
 def _calendar_day(value: Any) -> Any:
@@ -68,7 +70,7 @@ Number = Annotated[float, Strict(), Field(allow_inf_nan=False, ge=-1e12, le=1e12
 Weight = Annotated[float, Strict(), Field(gt=0, le=1e6)]
 WholeNumber = Annotated[int, Strict()]
 IsoDate = Annotated[date, BeforeValidator(_calendar_day)]
-IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
+IsoDateTime = Annotated[AwareDatetime, BeforeValidator(_moment)]
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
 Text = Annotated[str, Field(max_length=5000, pattern=NO_NUL)]
 Label = Annotated[str, Field(max_length=50, pattern=NO_NUL)]

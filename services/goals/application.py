@@ -20,9 +20,7 @@ position in the same transaction.
 from __future__ import annotations
 
 import logging
-import random
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
@@ -707,7 +705,6 @@ class Goals(TandemApplication):
 # The KPI policy ----------------------------------------------------------------------------------
 
 POLICY_ACTOR = "kpi-policy"
-POLICY_ATTEMPTS = 20
 CAUSED_BY_METRICS = "metrics:{}"
 """A check-in the policy appends names the metrics log position that caused it."""
 
@@ -762,21 +759,17 @@ class KPIProgress(EventSourcedProjection[UUID], TandemApplication):
         with in_context(context):
             self._process(domain_event, tracking)
 
+    @retry_on_conflict
     def _process(self, domain_event: Any, tracking: Tracking) -> None:
         """The library's processing (policy, then events and tracking in one transaction), run
         again from a fresh load when a key result changed under it (a check-in through the API
-        took its next version). If the position turns out to be tracked already (another
-        runner got there first), there is nothing left to do."""
-        for attempt in range(POLICY_ATTEMPTS):
-            try:
-                super().process_event(domain_event, tracking)
-                return
-            except IntegrityError:
-                if self.recorder.has_tracking_id(tracking.application_name, tracking.notification_id):
-                    return
-                if attempt == POLICY_ATTEMPTS - 1:
-                    raise
-                time.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 - jitter
+        took its next version), as every command is. If the position turns out to be tracked
+        already (another runner got there first), there is nothing left to do."""
+        try:
+            super().process_event(domain_event, tracking)
+        except IntegrityError:
+            if not self.recorder.has_tracking_id(tracking.application_name, tracking.notification_id):
+                raise
 
     def policy(self, domain_event: Any, processing_event: ProcessingEvent[UUID]) -> None:  # type: ignore[override]
         if domain_event.type == "KPIMeasured":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, date, datetime, timedelta
@@ -20,7 +19,7 @@ from uuid import UUID
 import asyncpg
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime, BeforeValidator, Field, model_validator
+from pydantic import Field, model_validator
 
 from services.common.auth import READERS, WRITERS, Principal, Role, require
 from services.common.eventstore import CommandContext, Written, new_correlation_id, run_command
@@ -28,6 +27,8 @@ from services.common.problems import Problem, problem_response
 from services.common.schemas import (
     ApiModel,
     Cursor,
+    IsoDate,
+    IsoDateTime,
     Name,
     Number,
     Page,
@@ -85,22 +86,6 @@ Writer = Annotated[Principal, Depends(require(*WRITERS))]
 Pool = Annotated[asyncpg.Pool, Depends(get_pool)]
 
 
-def _iso(pattern: str, what: str) -> Any:
-    def check(value: Any) -> Any:
-        if isinstance(value, date) or (isinstance(value, str) and re.match(pattern, value)):
-            return value
-        raise ValueError(f"expected an ISO 8601 {what}")
-
-    return BeforeValidator(check)
-
-
-# Dates and times in query strings and bodies are ISO 8601 text: not "0", which lax parsing
-# would read as 1970-01-01.
-StrictDate = Annotated[date, _iso(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", "date (YYYY-MM-DD)")]
-StrictDateTime = Annotated[AwareDatetime, _iso(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}",
-                                               "date and time with a time zone")]
-
-
 # Request and response bodies --------------------------------------------------------------
 
 class RuleIn(ApiModel):
@@ -139,7 +124,7 @@ class RulesIn(ApiModel):
 
 class TargetIn(ApiModel):
     target: Number
-    effective_from: StrictDate | None = Field(None, description="The day the target applies from; today if left out.")
+    effective_from: IsoDate | None = Field(None, description="The day the target applies from; today if left out.")
     reason: str = Field("", max_length=1000)
 
     @model_validator(mode="after")
@@ -160,7 +145,7 @@ def _check_measured_at(measured_at: datetime | None) -> None:
 
 class MeasurementIn(ApiModel):
     value: Number
-    measured_at: StrictDateTime | None = Field(None, description="When the value applies; now if left out.")
+    measured_at: IsoDateTime | None = Field(None, description="When the value applies; now if left out.")
     source: str = Field("api", min_length=1, max_length=100)
 
     @model_validator(mode="after")
@@ -171,7 +156,7 @@ class MeasurementIn(ApiModel):
 
 class BulkMeasurementIn(ApiModel):
     value: Number
-    measured_at: StrictDateTime = Field(description="When the value applies.")
+    measured_at: IsoDateTime = Field(description="When the value applies.")
     source: str = Field("api", min_length=1, max_length=100)
 
     @model_validator(mode="after")
@@ -507,8 +492,8 @@ async def list_measurements(kpi_id: UUID, pool: Pool, _: Reader, __: ReadYourWri
 async def kpi_trend(
     kpi_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites,
     period: Annotated[Period, Query(description="day, week (from Monday) or month, in UTC.")] = Period.week,
-    from_: Annotated[StrictDate | None, Query(alias="from", description="First day; its whole period counts.")] = None,
-    to: Annotated[StrictDate | None, Query(description="Last day; its whole period counts.")] = None,
+    from_: Annotated[IsoDate | None, Query(alias="from", description="First day; its whole period counts.")] = None,
+    to: Annotated[IsoDate | None, Query(description="Last day; its whole period counts.")] = None,
 ) -> TrendOut:
     """Per period: the count, lowest, highest, mean and last value, and the mean's change from the
     period before (absolute and in percent), from the measurements' current values."""
@@ -540,10 +525,10 @@ async def kpi_forecast(
     kpi_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites,
     horizon_days: Annotated[int | None, Query(ge=1, le=MAX_HORIZON_DAYS,
                                               description="How far ahead; 30 days if neither this nor until.")] = None,
-    until: Annotated[StrictDate | None, Query(description="Forecast to the start of this day (UTC) instead.")] = None,
-    as_of: Annotated[StrictDateTime | None, Query(description="Forecast as of this moment, from the measurements "
+    until: Annotated[IsoDate | None, Query(description="Forecast to the start of this day (UTC) instead.")] = None,
+    as_of: Annotated[IsoDateTime | None, Query(description="Forecast as of this moment, from the measurements "
                                                               "that apply up to it; now if left out.")] = None,
-    from_: Annotated[StrictDate | None, Query(alias="from", description="Fit only measurements from this day.")] = None,
+    from_: Annotated[IsoDate | None, Query(alias="from", description="Fit only measurements from this day.")] = None,
 ) -> ForecastOut:
     """A least-squares line through the measurements (value against valid time), its value at the
     horizon, and the first rule it would violate before then."""
