@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from eventsourcing.persistence import StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder
 from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
+
+from services.common.recorder import UnpipelinedInsert
 
 TABLE = "idempotency_keys"
 
@@ -81,7 +82,7 @@ def request_hash(method: str, path: str, body: bytes) -> str:
     return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
 
 
-class IdempotentRecorder(PostgresApplicationRecorder):
+class IdempotentRecorder(UnpipelinedInsert):
     """The library's application recorder, plus the idempotency key table of the schema."""
 
     def __init__(self, datastore: Any, **kwargs: Any) -> None:

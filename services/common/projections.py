@@ -36,6 +36,7 @@ from psycopg.sql import SQL, Identifier
 
 from services.common.database import eventsourcing_env, projection_channel
 from services.common.eventstore import standard_transcoder, topic_event_type
+from services.common.recorder import UnpipelinedInsert
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class ProjectionSpec:
             factory.close()
 
 
-class AnnouncingProcessRecorder(PostgresProcessRecorder):
+class AnnouncingProcessRecorder(UnpipelinedInsert, PostgresProcessRecorder):
     """The library's process recorder, which also announces each tracking position it records
     on the channel read-your-writes waits listen on (as `ReadModel.apply` does), in the same
     transaction: a read waiting for a position a policy handles wakes when it commits."""

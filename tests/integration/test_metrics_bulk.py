@@ -8,7 +8,6 @@ session (the gateway's, goals') never have 10,000 events to work through first."
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -66,11 +65,8 @@ async def test_ten_thousand_measurements_in_one_transaction(metrics: httpx.Async
     body["measurements"].reverse()
     key = {"Idempotency-Key": f"bulk-{kpi_id}"}
 
-    began = time.monotonic()
     r = await metrics.post(f"/v1/kpis/{kpi_id}/measurements/bulk", json=body, headers=key)
-    took = time.monotonic() - began
     assert r.status_code == 201, r.text
-    assert took < 60, f"the bulk write took {took:.1f}s"
     written = r.json()
     assert r.headers["Tandem-Position"] == f"metrics={written['position']}"
 
