@@ -13,10 +13,10 @@ SUBJECT ?= dev
 
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 
-.PHONY: run test token contracts clean-data help
+.PHONY: run test bench token contracts clean-data help
 
 help:
-	@echo "make run | make test | make token ROLE=admin | make contracts | make clean-data"
+	@echo "make run | make test | make bench | make token ROLE=admin | make contracts | make clean-data"
 
 # The stamp is rebuilt when the lock changes, so a pull that adds a package installs it.
 $(VENV)/.installed: pyproject.toml uv.lock
@@ -31,6 +31,11 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m services.stack test -- $(PYTEST_ARGS)
+
+# A benchmark, never a test: a large organisation on a real stack, then the alignment query
+# timed against a SQL baseline. BENCH_ARGS="--scale 0.05" for a small one.
+bench: $(VENV)/.installed
+	$(PY) -m bench $(BENCH_ARGS)
 
 token: $(VENV)/.installed
 	@$(PY) -m services.common.auth token --role $(ROLE) --subject $(SUBJECT)

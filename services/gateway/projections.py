@@ -19,6 +19,7 @@ from eventsourcing.projection import Projection
 
 from services.common.projections import ContractEvent, ProjectionSpec, ReadModel, Statement, followed_log
 from services.gateway.domain import CheckIn, Rule, current_check_in, revise_rules, supersedes
+from services.gateway.subscriptions import announcements
 
 
 class AlignmentReadModel(ReadModel):
@@ -29,7 +30,8 @@ class AlignmentReadModel(ReadModel):
         "CREATE INDEX IF NOT EXISTS units_parent ON {schema}.units (parent_id)",
         """CREATE TABLE IF NOT EXISTS {schema}.people (
             id uuid PRIMARY KEY, name text NOT NULL, email text NOT NULL, unit_id uuid NOT NULL,
-            manager_id uuid, left_on date, created_at timestamptz NOT NULL)""",
+            manager_id uuid, joined_on date, left_on date, created_at timestamptz NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS people_manager ON {schema}.people (manager_id)",
         "CREATE INDEX IF NOT EXISTS people_unit ON {schema}.people (unit_id)",
         """CREATE TABLE IF NOT EXISTS {schema}.cycles (
             id uuid PRIMARY KEY, name text NOT NULL, kind text NOT NULL, parent_id uuid,
@@ -45,19 +47,23 @@ class AlignmentReadModel(ReadModel):
         "CREATE INDEX IF NOT EXISTS contributions_to ON {schema}.contributions (to_objective_id)",
         "CREATE INDEX IF NOT EXISTS objectives_unit ON {schema}.objectives (unit_id)",
         "CREATE INDEX IF NOT EXISTS objectives_parent ON {schema}.objectives (parent_id)",
+        "CREATE INDEX IF NOT EXISTS objectives_owner ON {schema}.objectives (owner_id)",
+        """CREATE TABLE IF NOT EXISTS {schema}.objective_guardrails (
+            objective_id uuid NOT NULL, kpi_id uuid NOT NULL, version bigint NOT NULL,
+            PRIMARY KEY (objective_id, kpi_id))""",
         """CREATE TABLE IF NOT EXISTS {schema}.key_results (
             id uuid PRIMARY KEY, objective_id uuid NOT NULL, title text NOT NULL,
             kind text NOT NULL, start double precision, target double precision,
             low double precision, high double precision,
             milestone_weights double precision[] NOT NULL, unit text NOT NULL,
             weight double precision NOT NULL, current double precision, current_valid_on date,
-            confidence smallint, created_at timestamptz NOT NULL)""",
+            confidence smallint, owner_id uuid, kpi_id uuid, created_at timestamptz NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS key_results_objective ON {schema}.key_results (objective_id)",
         """CREATE TABLE IF NOT EXISTS {schema}.check_ins (
             key_result_id uuid NOT NULL, version bigint NOT NULL, valid_on date NOT NULL,
             value double precision NOT NULL, confidence smallint, note text NOT NULL,
             corrects_version bigint, recorded_at timestamptz NOT NULL, actor text NOT NULL,
-            PRIMARY KEY (key_result_id, version))""",
+            measurement_id uuid, PRIMARY KEY (key_result_id, version))""",
         """CREATE TABLE IF NOT EXISTS {schema}.kpis (
             id uuid PRIMARY KEY, name text NOT NULL, description text NOT NULL,
             unit text NOT NULL, owner_id uuid, unit_id uuid, direction text NOT NULL,
@@ -75,6 +81,11 @@ class AlignmentReadModel(ReadModel):
             kpi_id uuid NOT NULL, version bigint NOT NULL, target double precision NOT NULL,
             effective_from date NOT NULL, reason text NOT NULL, recorded_at timestamptz NOT NULL,
             PRIMARY KEY (kpi_id, version))""",
+        """CREATE TABLE IF NOT EXISTS {schema}.measurements (
+            measurement_id uuid PRIMARY KEY, kpi_id uuid NOT NULL, version bigint NOT NULL,
+            measured_at timestamptz NOT NULL, value double precision NOT NULL, source text NOT NULL,
+            recorded_at timestamptz NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS measurements_kpi ON {schema}.measurements (kpi_id, measured_at)",
     )
 
 
@@ -93,7 +104,7 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
     def process_event(self, domain_event: ContractEvent, tracking: Tracking) -> None:
         handler = HANDLERS.get(domain_event.type)
         statements = handler(self, domain_event, domain_event.data) if handler else []
-        self.view.apply(tracking, statements)
+        self.view.apply(tracking, [*statements, *announcements(domain_event)])
 
     # goals ---------------------------------------------------------------------------------
 
@@ -109,8 +120,10 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
                  (d.get("parent_id"), e.originator_id))]
 
     def person_joined(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
-        return [("INSERT INTO {schema}.people VALUES (%s, %s, %s, %s, %s, NULL, %s) ON CONFLICT (id) DO NOTHING",
-                 (e.originator_id, d["name"], d.get("email", ""), d["unit_id"], d.get("manager_id"), e.timestamp))]
+        return [("INSERT INTO {schema}.people (id, name, email, unit_id, manager_id, joined_on, left_on, created_at) "
+                 "VALUES (%s, %s, %s, %s, %s, %s, NULL, %s) ON CONFLICT (id) DO NOTHING",
+                 (e.originator_id, d["name"], d.get("email", ""), d["unit_id"], d.get("manager_id"),
+                  d.get("joined_on"), e.timestamp))]
 
     def person_moved(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         return [("UPDATE {schema}.people SET unit_id = %s WHERE id = %s", (d["unit_id"], e.originator_id))]
@@ -157,18 +170,19 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
 
     def key_result_created(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         weights = [float(m["weight"]) for m in d.get("milestones") or []]
-        return [("INSERT INTO {schema}.key_results VALUES "
-                 "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, NULL, NULL, %s) ON CONFLICT (id) DO NOTHING",
+        return [("INSERT INTO {schema}.key_results (id, objective_id, title, kind, start, target, low, high, "
+                 "milestone_weights, unit, weight, owner_id, created_at) "
+                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
                  (e.originator_id, d["objective_id"], d["title"], str(d["kind"]), d.get("start"),
                   d.get("target"), d.get("low"), d.get("high"), weights, d.get("unit", ""),
-                  d.get("weight", 1.0), e.timestamp))]
+                  d.get("weight", 1.0), d.get("owner_id"), e.timestamp))]
 
     def key_result_revised(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         weights = [float(m["weight"]) for m in d.get("milestones") or []]
         return [("UPDATE {schema}.key_results SET title = %s, unit = %s, weight = %s, start = %s, target = %s, "
-                 "low = %s, high = %s, milestone_weights = %s WHERE id = %s",
+                 "low = %s, high = %s, milestone_weights = %s, owner_id = %s WHERE id = %s",
                  (d["title"], d.get("unit", ""), d["weight"], d.get("start"), d.get("target"), d.get("low"),
-                  d.get("high"), weights, e.originator_id))]
+                  d.get("high"), weights, d.get("owner_id"), e.originator_id))]
 
     def key_result_moved(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         return [("UPDATE {schema}.key_results SET objective_id = %s WHERE id = %s",
@@ -185,12 +199,26 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
                                                          r["corrects_version"]) for r in earlier)])
         assert current is not None
         return [
-            ("INSERT INTO {schema}.check_ins VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            ("INSERT INTO {schema}.check_ins (key_result_id, version, valid_on, value, confidence, note, "
+             "corrects_version, recorded_at, actor, measurement_id) "
+             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
              (e.originator_id, e.version, d["valid_on"], d["value"], d.get("confidence"), d.get("note", ""),
-              d.get("corrects_version"), e.timestamp, e.meta.get("actor", "unknown"))),
+              d.get("corrects_version"), e.timestamp, e.meta.get("actor", "unknown"), d.get("measurement_id"))),
             ("UPDATE {schema}.key_results SET current = %s, current_valid_on = %s, confidence = %s WHERE id = %s",
              (current.value, current.valid_on, current.confidence, e.originator_id)),
         ]
+
+    def key_result_bound(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        """KeyResultBoundToKPI names the KPI; KeyResultUnboundFromKPI clears it."""
+        return [("UPDATE {schema}.key_results SET kpi_id = %s WHERE id = %s", (d.get("kpi_id"), e.originator_id))]
+
+    def guardrail_added(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [("INSERT INTO {schema}.objective_guardrails (objective_id, kpi_id, version) VALUES (%s, %s, %s) "
+                 "ON CONFLICT DO NOTHING", (e.originator_id, d["kpi_id"], e.version))]
+
+    def guardrail_removed(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        return [("DELETE FROM {schema}.objective_guardrails WHERE objective_id = %s AND kpi_id = %s",
+                 (e.originator_id, d["kpi_id"]))]
 
     # metrics -------------------------------------------------------------------------------
     #
@@ -223,18 +251,28 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
                 for i, r in enumerate(rules)]
 
     def kpi_measured(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        """Every measurement goes into the series; only one that supersedes the latest (by valid
+        time) changes the KPI's latest value: a late one is history."""
+        statements: list[Statement] = [(
+            "INSERT INTO {schema}.measurements (measurement_id, kpi_id, version, measured_at, value, source, "
+            "recorded_at) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (measurement_id) DO NOTHING",
+            (d["measurement_id"], e.originator_id, e.version, d["measured_at"], d["value"], d.get("source", ""),
+             e.timestamp))]
         kpi = self.view.query("SELECT latest_measured_at FROM {schema}.kpis WHERE id = %s", (e.originator_id,))
         if not kpi or not supersedes(kpi[0]["latest_measured_at"], d["measured_at"]):
-            return []  # a late measurement is history; it does not change the state
-        return [("UPDATE {schema}.kpis SET latest_value = %s, latest_measured_at = %s, latest_measurement_id = %s "
-                 "WHERE id = %s", (d["value"], d["measured_at"], d["measurement_id"], e.originator_id))]
+            return statements
+        return [*statements, (
+            "UPDATE {schema}.kpis SET latest_value = %s, latest_measured_at = %s, latest_measurement_id = %s "
+            "WHERE id = %s", (d["value"], d["measured_at"], d["measurement_id"], e.originator_id))]
 
     def kpi_measurement_corrected(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         """Only a correction of the latest measurement changes the latest value. The latest is
         named by its id: of two measurements at the same valid time (two sources), only the one
         that is the latest counts."""
         return [("UPDATE {schema}.kpis SET latest_value = %s WHERE id = %s AND latest_measurement_id = %s",
-                 (d["value"], e.originator_id, d["measurement_id"]))]
+                 (d["value"], e.originator_id, d["measurement_id"])),
+                ("UPDATE {schema}.measurements SET value = %s WHERE measurement_id = %s",
+                 (d["value"], d["measurement_id"]))]
 
     def kpi_breached(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         return self._set_breached(e, str(d["rule_id"]), True)
@@ -288,11 +326,15 @@ HANDLERS: dict[str, Handler] = {
     "ObjectiveAligned": P.objective_aligned,
     "ObjectiveContributionAdded": P.contribution_added,
     "ObjectiveContributionRemoved": P.contribution_removed,
+    "ObjectiveGuardrailAdded": P.guardrail_added,
+    "ObjectiveGuardrailRemoved": P.guardrail_removed,
     "KeyResultCreated": P.key_result_created,
     "KeyResultRevised": P.key_result_revised,
     "KeyResultMovedToObjective": P.key_result_moved,
     "KeyResultProgressed": P.key_result_checked_in,
     "KeyResultCheckInCorrected": P.key_result_checked_in,
+    "KeyResultBoundToKPI": P.key_result_bound,
+    "KeyResultUnboundFromKPI": P.key_result_bound,
     "KPIDefined": P.kpi_defined,
     "KPIMeasured": P.kpi_measured,
     "KPIThresholdBreached": P.kpi_breached,

@@ -25,10 +25,10 @@ query {
     name kind
     children {
       name kind children { name }
-      objectives { title score rolledUpScore band keyResults { title score current confidence } }
+      objectives { edges { node { title score rolledUpScore band keyResults { title score current confidence } } } }
       kpis { name state latestValue }
     }
-    objectives { title score rolledUpScore }
+    objectives { edges { node { title score rolledUpScore } } }
   }
 }"""
 
@@ -41,6 +41,10 @@ def admin(stack: Stack, auth: Callable[..., dict[str, str]]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def demo_positions(stack: Stack, token: Callable[..., str]) -> dict[str, int]:
     return demo.load(stack.url("goals"), stack.url("metrics"), token("admin", "demo-loader"))
+
+
+def nodes(connection: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e["node"] for e in connection["edges"]]
 
 
 def graphql(stack: Stack, headers: dict[str, str], query: str, wait_for: dict[str, int],
@@ -61,7 +65,7 @@ def test_demo_organisation_shows_in_graphql(stack: Stack, admin: dict[str, str],
 
     support = departments["Customer Support"]
     assert [t["name"] for t in support["children"]] == ["Tier 1"]
-    [objective] = support["objectives"]
+    [objective] = nodes(support["objectives"])
     assert objective["title"] == "Deliver exceptional customer support by the end of Q3"
     krs = {kr["title"]: kr for kr in objective["keyResults"]}
     # 8 h -> 3 h, latest check-in 5.5 h: 0.5; training 0 -> 100 at 60: 0.6; the CSAT KR is driven
@@ -84,8 +88,8 @@ def test_demo_organisation_shows_in_graphql(stack: Stack, admin: dict[str, str],
     # also contributes to sales with weight 0.5.
     people = (0.35 + 0.8 + 0.5) / 3  # eNPS 45->65 at 52; survey 0->90 at 72; 1 of 2 milestones
     sales = (0.4 + 0.5 * support_rolled) / 1.5  # revenue 4.0M -> 5.0M at 4.4M, plus support's half
-    assert departments["Sales"]["objectives"][0]["rolledUpScore"] == pytest.approx(sales)
-    [company] = org["objectives"]
+    assert nodes(departments["Sales"]["objectives"])[0]["rolledUpScore"] == pytest.approx(sales)
+    [company] = nodes(org["objectives"])
     assert company["score"] is None
     assert company["rolledUpScore"] == pytest.approx((support_rolled + people + sales) / 3)
 
@@ -121,11 +125,11 @@ def test_rest_writes_reach_graphql(stack: Stack, admin: dict[str, str], demo_pos
     positions["goals"] = check_in.json()["position"]
 
     data = graphql(stack, admin, """query($id: ID!) { unit(id: $id) {
-        name objectives { title score band keyResults { score current confidence } }
+        name objectives { edges { node { title score band keyResults { score current confidence } } } }
         kpis { name state latestValue } } }""", positions, {"id": team["id"]})
     unit = data["unit"]
     assert unit["name"] == "Tier 2"
-    [o] = unit["objectives"]
+    [o] = nodes(unit["objectives"])
     assert o["keyResults"] == [{"score": pytest.approx(0.25), "current": 42, "confidence": 6}]  # (42-48)/(24-48)
     assert o["band"] == "red"
     assert unit["kpis"] == [{"name": "Escalation backlog", "state": "breached", "latestValue": 25}]
@@ -163,9 +167,9 @@ def test_goals_and_gateway_agree_on_every_score(stack: Stack, admin: dict[str, s
     both give the same score and rolled-up score for every demo objective."""
     wait = {"Tandem-Wait-For": f"goals={demo_positions['goals']}"}
     rest = httpx.get(f"{stack.url('goals')}/v1/objectives?limit=200", headers={**admin, **wait}, timeout=30).json()
-    graph = graphql(stack, admin, "{ organization { objectives { id score rolledUpScore "
-                                  "children { id score rolledUpScore children { id score rolledUpScore } } } } }",
-                    demo_positions)["organization"]["objectives"]
+    graph = nodes(graphql(stack, admin, "{ organization { objectives { edges { node { id score rolledUpScore "
+                                        "children { id score rolledUpScore children { id score rolledUpScore } } } } } } }",
+                          demo_positions)["organization"]["objectives"])
     seen: dict[str, tuple[float | None, float | None]] = {}
 
     def walk(objectives: list[dict[str, Any]]) -> None:

@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, date, datetime, timedelta
-from uuid import uuid4
+from datetime import UTC, date, datetime, timedelta, timezone
+from uuid import UUID, uuid4
 
 import pytest
 
 from services.gateway.domain import (
+    PERIODS,
+    CheckInRecency,
+    CoachingWarning,
+    GuardrailFacts,
+    KeyResultFacts,
+    LinearFit,
     Measure,
+    ObjectiveFacts,
     ObjectiveNode,
+    PeriodStats,
+    Point,
     Rule,
     TargetChange,
     band,
+    days_between,
+    first_violation,
+    fit_points,
     kpi_state,
+    linear_fit,
+    lint_guardrails,
+    lint_key_result,
+    lint_objective,
+    mean_or_none,
+    objective_warnings,
+    only_maintains_a_number,
+    owner_warnings,
+    period_start,
+    predicted_breach,
+    reads_as_activity,
     revise_rules,
     rolled_up_scores,
     rule_state,
+    series,
+    share,
     supersedes,
     target_in_force,
     violates,
@@ -216,3 +241,244 @@ def test_the_current_check_in_is_the_latest_day_as_last_corrected() -> None:
     # a correction that moves a check-in to an earlier day lets the other one be current
     moved = current_check_in([*history, CheckIn(6, date(2026, 10, 1), 5.5, 6, corrects=2)])
     assert moved is not None and (moved.version, moved.value) == (3, 2)
+
+
+# Coaching lints: the gateway's copy of the goals service's, on the seeds' examples -----------
+
+def kr_facts(title: str, kind: str = "increase_to", objective_id: UUID | None = None) -> KeyResultFacts:
+    return KeyResultFacts(uuid4(), objective_id or uuid4(), title, kind)
+
+
+def objective_facts(title: str = "Improve employee engagement", owner_id: UUID | None = None,
+                    cycle_id: UUID | None = None, status: str = "active") -> ObjectiveFacts:
+    return ObjectiveFacts(uuid4(), title, owner_id or uuid4(), cycle_id or uuid4(), status)
+
+
+def codes(warnings: list[CoachingWarning]) -> list[str]:
+    return [w.code for w in warnings]
+
+
+KEY_RESULT_CASES = [
+    # the seeds' bad examples
+    ("Launch new website", "done", ["key_result_is_a_task", "done_only_key_result"]),
+    ("Post 5 times a week on LinkedIn", "increase_to", ["key_result_is_a_task"]),
+    ("Publish 15 guest posts on popular startup blogs", "increase_to", ["key_result_is_a_task"]),
+    ("Complete 5 user-testing rounds before launch", "increase_to", ["key_result_is_a_task"]),
+    ("Launch two new employee well-being initiatives by Q2", "increase_to", ["key_result_is_a_task"]),
+    ("Hold a weekly all-hands", "milestones", ["key_result_is_a_task"]),
+    ("Earn B Corp Certification by Q4", "done", ["done_only_key_result"]),
+    # the seeds' good examples: outcomes
+    ("Increase eNPS from 45 to 65", "increase_to", []),
+    ("Increase LinkedIn engagement by 40%", "increase_to", []),
+    ("Increase conversion rate by 15% after launching new website", "increase_to", []),
+    ("Reduce average response time from 8 hours to under 3 hours", "decrease_to", []),
+    ("Achieve 90% participation rate in the annual engagement survey", "increase_to", []),
+    ("Reach 50,000 monthly listeners", "increase_to", []),
+    ("Launch Spotify in 15 new markets in the next quarter", "increase_to", []),
+    ("Maintain 4.5+ star rating in app stores", "stay_above", []),
+]
+
+OBJECTIVE_TITLES = [
+    ("Maintain NPS above 50", True),
+    ("Keep uptime at 99.9%", True),
+    ("Stay below 2% monthly churn", True),
+    ("Sustain 95% employee retention", True),
+    ("Remain under 48 hours for critical bugs", True),
+    ("Improve employee engagement", False),
+    ("Boost customer satisfaction", False),
+    ("Maintain a culture of learning while we grow", False),  # no number to hold
+    ("Increase NPS to 70 by end of year", False),
+]
+
+
+@pytest.mark.parametrize(("title", "kind", "expected"), KEY_RESULT_CASES)
+def test_key_result_lints_on_the_seeds_examples(title: str, kind: str, expected: list[str]) -> None:
+    assert codes(lint_key_result(kr_facts(title, kind))) == expected
+    assert reads_as_activity(title, kind) == ("key_result_is_a_task" in expected)
+
+
+@pytest.mark.parametrize(("title", "is_kpi"), OBJECTIVE_TITLES)
+def test_an_objective_that_only_maintains_a_number_is_a_kpi(title: str, is_kpi: bool) -> None:
+    assert only_maintains_a_number(title) == is_kpi
+    o = objective_facts(title)
+    warnings = lint_objective(o, [kr_facts("Increase x", objective_id=o.id) for _ in range(3)])
+    assert codes(warnings) == (["objective_is_a_kpi"] if is_kpi else [])
+    if is_kpi:
+        assert "KPI" in warnings[0].message and warnings[0].subject_id == o.id
+
+
+def test_the_gateways_lints_say_what_the_goals_services_say() -> None:
+    """Two copies of one rule set (services share the contract, not code): the same codes and
+    messages on every seeds' example."""
+    from services.goals import domain as goals
+
+    for title, kind, _ in KEY_RESULT_CASES:
+        kr = kr_facts(title, kind)
+        assert [(w.code, w.message) for w in lint_key_result(kr)] == [
+            (w.code, w.message) for w in goals.lint_key_result(kr)]
+    for title, _ in OBJECTIVE_TITLES:
+        o = objective_facts(title)
+        for n in (0, 2, 3, 6):
+            krs = [kr_facts(f"Increase metric {i}", objective_id=o.id) for i in range(n)]
+            for left in ((), {o.owner_id}):
+                assert [(w.code, w.message) for w in lint_objective(o, krs, left)] == [
+                    (w.code, w.message) for w in goals.lint_objective(o, krs, left)]
+        guardrails = [GuardrailFacts(uuid4(), "CSAT", True), GuardrailFacts(uuid4(), None, True)]
+        for status in ("draft", "active", "closed"):
+            o = replace(o, status=status)
+            assert [(w.code, w.message) for w in lint_guardrails(o, guardrails)] == [
+                (w.code, w.message) for w in goals.lint_guardrails(o, guardrails)]
+
+
+def test_three_to_five_key_results_per_objective() -> None:
+    o = objective_facts()
+
+    def with_krs(n: int) -> list[str]:
+        return codes(lint_objective(o, [kr_facts(f"Increase metric {i}") for i in range(n)]))
+
+    assert with_krs(0) == ["too_few_key_results"]
+    assert with_krs(2) == ["too_few_key_results"]
+    assert with_krs(3) == [] and with_krs(5) == []
+    assert with_krs(6) == ["too_many_key_results"]
+
+
+def test_an_objective_needs_an_owner_who_is_still_here() -> None:
+    krs = [kr_facts("Increase x") for _ in range(3)]
+    ownerless = replace(objective_facts("Improve onboarding"), owner_id=None)
+    assert codes(lint_objective(ownerless, krs)) == ["objective_without_owner"]
+    orphaned = objective_facts("Improve onboarding")
+    warnings = lint_objective(orphaned, krs, people_who_left={orphaned.owner_id})
+    assert codes(warnings) == ["objective_without_owner"] and "left" in warnings[0].message
+    assert codes(lint_objective(orphaned, krs)) == []
+
+
+def test_a_breached_guardrail_warns_while_the_objective_is_pursued() -> None:
+    healthy, breached = GuardrailFacts(uuid4(), "NPS", False), GuardrailFacts(uuid4(), "CSAT", True)
+    o = objective_facts("Improve sales performance")
+    assert lint_guardrails(o, [healthy]) == []
+    [w] = lint_guardrails(o, [healthy, breached])
+    assert (w.code, w.subject_id) == ("guardrail_breached", o.id) and "'CSAT' is breached" in w.message
+    assert lint_guardrails(replace(o, status="closed"), [breached]) == []
+
+
+def test_an_objective_shows_its_own_its_guardrails_and_its_key_results_warnings() -> None:
+    o = objective_facts("Maintain NPS above 50")
+    task = kr_facts("Launch new website", "done", o.id)
+    warnings = objective_warnings(o, [task], [GuardrailFacts(uuid4(), "CSAT", True)])
+    assert [(w.code, w.subject_kind) for w in warnings] == [
+        ("objective_is_a_kpi", "objective"), ("too_few_key_results", "objective"),
+        ("guardrail_breached", "objective"), ("key_result_is_a_task", "key_result"),
+        ("done_only_key_result", "key_result")]
+    assert objective_warnings(replace(o, status="archived"), [task]) == []  # put away
+
+
+def test_at_most_five_objectives_per_owner_per_cycle() -> None:
+    owner, q4, q1 = uuid4(), uuid4(), uuid4()
+
+    def objectives(n: int, cycle: UUID, status: str = "active") -> list[ObjectiveFacts]:
+        return [objective_facts(f"Improve thing {i}", owner, cycle, status) for i in range(n)]
+
+    assert owner_warnings(objectives(5, q4)) == []
+    [six] = owner_warnings(objectives(6, q4))
+    assert (six.code, six.subject_id, six.subject_kind) == ("too_many_objectives", owner, "owner")
+    assert owner_warnings(objectives(3, q4) + objectives(3, q1)) == []  # per cycle
+    assert owner_warnings(objectives(5, q4) + objectives(2, q4, "archived")) == []
+
+
+# KPI series and forecasts: the gateway's copy of the metrics service's maths -----------------
+
+def at(day: int, hour: int = 12) -> datetime:
+    return datetime(2026, 11, day, hour, tzinfo=UTC)
+
+
+def test_periods_start_on_the_first_day_monday_or_the_1st() -> None:
+    wednesday = date(2026, 11, 18)
+    assert [period_start(wednesday, p) for p in PERIODS] == [wednesday, date(2026, 11, 16), date(2026, 11, 1)]
+    with pytest.raises(ValueError, match="period"):
+        period_start(wednesday, "year")
+
+
+def test_series_per_period() -> None:
+    points = [Point(at(16, 9), 10, 1), Point(at(18), 20, 2), Point(at(18), 30, 3),  # same time: the later last
+              Point(at(23), 5, 4), Point(at(17, 23), 12, 5)]  # recorded late, for Tuesday
+    # Week of the 16th: 10, 12, 20, 30 -> mean 18, last by valid time is the 18th's later one (30).
+    # Week of the 23rd: 5.
+    assert series(points, "week") == [PeriodStats(date(2026, 11, 16), 4, 18, 10, 30, 30),
+                                      PeriodStats(date(2026, 11, 23), 1, 5, 5, 5, 5)]
+    days = series(points, "day")
+    assert [(s.start.day, s.count, s.last) for s in days] == [(16, 1, 10), (17, 1, 12), (18, 2, 30), (23, 1, 5)]
+    assert series(points, "month") == [PeriodStats(date(2026, 11, 1), 5, 15.4, 5, 30, 5)]  # 77 / 5
+    assert series([], "day") == []
+
+
+def test_series_are_in_utc() -> None:
+    late_evening_west = datetime(2026, 11, 30, 20, tzinfo=timezone(timedelta(hours=-5)))  # 1 Dec 01:00 UTC
+    assert [s.start for s in series([Point(late_evening_west, 1)], "month")] == [date(2026, 12, 1)]
+
+
+def test_least_squares_line_as_the_metrics_service_draws_it() -> None:
+    from services.metrics import domain as metrics
+
+    for points in ([(0, 2), (1, 3), (2, 7), (3, 8)], [(-3, 10), (-2, 8), (-1, 6)], [(1e9 + x, 3 * x + 1)
+                                                                                  for x in range(5)]):
+        ours, theirs = linear_fit(points), metrics.linear_fit(points)
+        assert ours is not None and theirs is not None
+        assert (ours.slope, ours.intercept, ours.count) == (theirs.slope, theirs.intercept, theirs.count)
+    # Means 1.5 and 5; Sxx = 5; Sxy = 11: slope 2.2, intercept 5 - 2.2 * 1.5 = 1.7
+    fit = linear_fit([(0, 2), (1, 3), (2, 7), (3, 8)])
+    assert fit is not None and (fit.slope, fit.intercept) == (pytest.approx(2.2), pytest.approx(1.7))
+    assert linear_fit([]) is None and linear_fit([(1, 5)]) is None and linear_fit([(1, 5), (1, 7)]) is None
+
+
+def test_the_fit_is_in_days_from_as_of_over_what_applies_by_then() -> None:
+    as_of = at(20, 0)
+    # 3, 2 and 1 days before as_of with 10, 8, 6: 2 lower per day, 4 at as_of; the 21st's is after it
+    points = [Point(at(17, 0), 10), Point(at(18, 0), 8), Point(at(19, 0), 6), Point(at(21, 0), 100)]
+    fit = fit_points(points, as_of)
+    assert fit is not None and (fit.slope, fit.intercept, fit.count) == (pytest.approx(-2), pytest.approx(4), 3)
+    assert days_between(at(1, 0), at(2, 12)) == 1.5
+
+
+def test_where_the_trend_line_crosses_a_rule_as_the_metrics_service_says() -> None:
+    from services.metrics import domain as metrics
+
+    falling = LinearFit(slope=-2, intercept=20, count=10)  # 20 now, 2 lower per day
+    rising = LinearFit(slope=0.5, intercept=20, count=10)
+    flat = LinearFit(slope=0, intercept=20, count=10)
+    rules = [Rule("b10", "below", "critical", threshold=10), Rule("b25", "below", "critical", threshold=25),
+             Rule("a25", "above", "warning", threshold=25), Rule("a15", "above", "warning", threshold=15),
+             Rule("o", "outside", "warning", low=12, high=30)]
+    expected = {  # days until the line violates each rule
+        "falling": [5, 0, None, 0, 4],  # (10 - 20) / -2; already; never; already; (12 - 20) / -2
+        "rising": [None, 0, 10, 0, 20],  # never; already; (25 - 20) / 0.5; already; (30 - 20) / 0.5
+        "flat": [None, 0, None, 0, None],
+    }
+    for name, fit in (("falling", falling), ("rising", rising), ("flat", flat)):
+        ours = [first_violation(r, fit) for r in rules]
+        assert ours == [None if d is None else pytest.approx(d) for d in expected[name]]
+        theirs = [metrics.first_violation(metrics.ThresholdRule.from_dict(
+            {"id": r.id, "kind": r.kind, "severity": r.severity, "threshold": r.threshold, "low": r.low,
+             "high": r.high}), metrics.LinearFit(fit.slope, fit.intercept, fit.count)) for r in rules]
+        assert ours == theirs
+    breach = predicted_breach([rules[0], rules[4]], falling, horizon_days=30)
+    assert breach is not None and breach.rule.id == "o" and breach.days == pytest.approx(4)
+    assert predicted_breach([rules[0], rules[4]], falling, horizon_days=3.9) is None
+    assert first_violation(Rule("x", "below", "critical"), falling) is None  # no bound, no crossing
+
+
+# Health of a subtree ---------------------------------------------------------------------------
+
+def test_check_in_recency() -> None:
+    today = date(2026, 11, 20)
+    days = [today, today - timedelta(days=7), today - timedelta(days=8), today - timedelta(days=30), None]
+    recency = CheckInRecency.of(days, today)
+    # 2 of 5 within 7 days (0 and 7 days ago); median of 0, 7, 8, 30 is 7.5; one never checked in
+    assert (recency.recent_share, recency.median_days_since, recency.never) == (pytest.approx(0.4), 7.5, 1)
+    assert CheckInRecency.of([], today) == CheckInRecency(None, None, 0)
+    assert CheckInRecency.of([None, None], today) == CheckInRecency(0.0, None, 2)
+
+
+def test_shares_and_plain_means() -> None:
+    assert share(1, 4) == 0.25 and share(0, 0) is None
+    assert mean_or_none([0.5, None, 1.0]) == pytest.approx(0.75)
+    assert mean_or_none([None]) is None
