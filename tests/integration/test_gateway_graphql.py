@@ -8,7 +8,7 @@ gateway's projection follows both logs into PostgreSQL and the GraphQL reads wai
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -23,7 +23,7 @@ from services.goals.api import create_app as create_goals
 from services.goals.settings import GoalsSettings
 from services.metrics.api import create_app as create_metrics
 from services.metrics.settings import MetricsSettings
-from tests.conftest import fresh_database, serve_in_process
+from tests.conftest import serve_in_process
 
 Headers = Callable[..., dict[str, str]]
 
@@ -77,14 +77,6 @@ class Org:
         await self.post(f"{kr} check-in", f"/v1/key-results/{self.ids[kr]}/check-ins", {
             "value": value, "confidence": confidence,
             "validOn": (date.today() - timedelta(days=days_ago)).isoformat()})
-
-
-@pytest.fixture(scope="module")
-def own_database() -> Iterator[str]:
-    """A database of this module's own: `organization` is the first company created, so no
-    other module's companies may be in it."""
-    with fresh_database() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ valid time; stale over pending; corrections, rule revisions and target changes a
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -26,7 +26,7 @@ from services.goals.settings import GoalsSettings
 from services.metrics.api import StalenessWatch
 from services.metrics.api import create_app as create_metrics
 from services.metrics.settings import MetricsSettings
-from tests.conftest import fresh_database, serve_in_process
+from tests.conftest import serve_in_process
 
 Headers = Callable[..., dict[str, str]]
 
@@ -52,12 +52,6 @@ class Metrics:
     @property
     def watch(self) -> StalenessWatch:
         return self.app.state.staleness_watch
-
-
-@pytest.fixture(scope="module")
-def own_database() -> Iterator[str]:
-    with fresh_database() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

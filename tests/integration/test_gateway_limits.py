@@ -8,7 +8,7 @@ about the query, not the data.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -17,15 +17,9 @@ from graphql import get_introspection_query
 
 from services.gateway.api import create_app as create_gateway
 from services.gateway.settings import GatewaySettings
-from tests.conftest import fresh_database, serve_in_process
+from tests.conftest import serve_in_process
 
 Headers = Callable[..., dict[str, str]]
-
-
-@pytest.fixture(scope="module")
-def own_database() -> Iterator[str]:
-    with fresh_database() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

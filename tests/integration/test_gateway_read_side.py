@@ -14,7 +14,7 @@ import asyncio
 import re
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -37,7 +37,7 @@ from services.goals.api import create_app as create_goals
 from services.goals.settings import GoalsSettings
 from services.metrics.api import create_app as create_metrics
 from services.metrics.settings import MetricsSettings
-from tests.conftest import fresh_database, serve_in_process
+from tests.conftest import serve_in_process
 
 Headers = Callable[..., dict[str, str]]
 
@@ -129,13 +129,6 @@ class World:
         assert r.status_code == 200, r.text
         reflected = dict(p.strip().split("=") for p in r.headers["Tandem-Read-Position"].split(","))
         self.positions["goals"] = max(self.positions["goals"], int(reflected["goals"]))
-
-
-@pytest.fixture(scope="module")
-def own_database() -> Iterator[str]:
-    """`organization` is the first company created, so no other module's may be here."""
-    with fresh_database() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ session (the gateway's, goals') never have 10,000 events to work through first."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,17 +18,11 @@ import pytest
 
 from services.metrics.api import create_app
 from services.metrics.settings import MetricsSettings
-from tests.conftest import fresh_database, serve_in_process
+from tests.conftest import serve_in_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 N = 10_000
-
-
-@pytest.fixture(scope="module")
-def own_database() -> Iterator[str]:
-    with fresh_database() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
