@@ -8,7 +8,7 @@ a 500 that says nothing about the internals.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from eventsourcing.application import AggregateNotFoundError
@@ -17,7 +17,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import BaseRoute, Match
 
 from services.common.eventstore import ConcurrentWrite, VersionMismatch
 
@@ -60,6 +59,17 @@ class Problem(Exception):
         self.extensions = extensions
 
 
+ErrorRenderer = Callable[..., JSONResponse]
+
+
+def render_errors_under(app: FastAPI, prefix: str, renderer: ErrorRenderer) -> None:
+    """Let a protocol mounted under `prefix` answer its errors in its own shape (SCIM's error
+    messages under /scim/v2): every handler here then calls `renderer(request, status, title,
+    detail, kind=..., headers=...)` for a path under `prefix` instead of writing problem details."""
+    renderers: dict[str, ErrorRenderer] = getattr(app.state, "error_renderers", {})
+    app.state.error_renderers = {**renderers, prefix.rstrip("/"): renderer}
+
+
 def problem_response(
     request: Request,
     status: int,
@@ -70,6 +80,10 @@ def problem_response(
     headers: dict[str, str] | None = None,
     **extensions: Any,
 ) -> JSONResponse:
+    path = request.url.path
+    for prefix, render in getattr(request.app.state, "error_renderers", {}).items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return render(request, status, title, detail, kind=kind, headers=headers)
     body: dict[str, Any] = {
         "type": PROBLEM_TYPE_BASE + kind if kind else "about:blank",
         "title": title,
@@ -105,12 +119,22 @@ _TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not 
            428: "Precondition Required", 503: "Service Unavailable"}
 
 
+def _leaf_routes(routes: Sequence[Any]) -> Any:
+    """The routes an app serves: FastAPI keeps an included router's routes behind it."""
+    for route in routes:
+        candidates = getattr(route, "effective_candidates", None)
+        if callable(candidates):
+            yield from _leaf_routes(candidates())
+        else:
+            yield route
+
+
 def _allowed_methods(request: Request) -> list[str]:
     """Every method the path supports: Starlette names only the first route that matched."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})
-        if match is not Match.NONE and isinstance(route, BaseRoute):
+    for route in _leaf_routes(request.app.router.routes):
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
             methods |= set(getattr(route, "methods", None) or ())
     return sorted(methods)
 

@@ -131,6 +131,11 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
     def person_manager_changed(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         return [("UPDATE {schema}.people SET manager_id = %s WHERE id = %s", (d.get("manager_id"), e.originator_id))]
 
+    def person_updated(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
+        """A profile change (over SCIM): the name and email the graph shows."""
+        return [("UPDATE {schema}.people SET name = %s, email = %s WHERE id = %s",
+                 (d["name"], d["email"], e.originator_id))]
+
     def person_left(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         return [("UPDATE {schema}.people SET left_on = %s WHERE id = %s", (d["left_on"], e.originator_id))]
 
@@ -311,6 +316,7 @@ HANDLERS: dict[str, Handler] = {
     "PersonJoined": P.person_joined,
     "PersonMovedUnit": P.person_moved,
     "PersonManagerChanged": P.person_manager_changed,
+    "PersonUpdated": P.person_updated,
     "PersonLeft": P.person_left,
     "CycleCreated": P.cycle_created,
     "CycleActivated": set_status("cycles", "active"),

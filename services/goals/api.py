@@ -63,6 +63,7 @@ from services.common.web import (
     if_match_version,
     parse_positions,
 )
+from services.goals import scim
 from services.goals.application import Goals
 from services.goals.domain import (
     CoachingWarning,
@@ -99,6 +100,8 @@ TAGS = [
     {"name": "key results", "description": "Measurable results with check-ins, corrections and forecasts; "
                                             "bound to a KPI, the KPI's measurements check them in."},
     {"name": "coaching", "description": "Warnings about the common mistakes the OKR literature names."},
+    {"name": "changes", "description": "The domain events of goals and metrics, merged, for HR systems to poll."},
+    {"name": "webhooks", "description": "The changes feed pushed to subscribers, signed, in order, at least once."},
 ]
 
 Email = Annotated[str, Field(min_length=3, max_length=320, pattern=r"^[^\x00\s@]+@[^\x00\s@]+$")]
@@ -416,6 +419,7 @@ class ObjectiveOut(ApiModel):
     contributions: list[Contribution] = Field(description="Objectives this one contributes to besides its parent.")
     carried_from: UUID | None
     carried_to: list[UUID] = Field(description="Objectives this one was carried over into.")
+    needs_reassignment: bool = Field(description="Open, and owned by a person who has left: it needs a new owner.")
     key_results: list[KeyResultOut]
     guardrails: list[GuardrailOut] = Field(
         description="KPIs that must stay healthy while the objective is pursued, with their health.")
@@ -1156,4 +1160,10 @@ def create_app(settings: GoalsSettings | None = None) -> FastAPI:
         openapi_tags=TAGS,
     )
     app.include_router(router)
+    scim.install(app)  # SCIM 2.0 at /scim/v2, with SCIM error messages there
+    # What HR systems pull (imported here: those modules build on this one's models and helpers).
+    from services.goals import feeds, webhooks
+
+    app.include_router(feeds.router)
+    app.include_router(webhooks.router)  # its lifespan runs the webhook delivery worker
     return app

@@ -43,6 +43,7 @@ from services.common.eventstore import (
 from services.goals.domain import (
     KPI_CHECK_IN_NOTE,
     UNCHANGED,
+    WEBHOOK_REGISTRY_ID,
     CoachingWarning,
     Cycle,
     CycleKind,
@@ -58,9 +59,15 @@ from services.goals.domain import (
     Person,
     Unchanged,
     UnitKind,
+    UnitNotEmpty,
+    UserName,
+    WebhookRegistry,
+    WebhookStatus,
+    WebhookSubscription,
     coaching_warnings,
     key_result_frozen,
     objective_score,
+    user_name_key,
 )
 
 log = logging.getLogger(__name__)
@@ -97,22 +104,51 @@ class Goals(TandemApplication):
 
     # Org units -----------------------------------------------------------------------------
 
-    def create_unit(self, *, name: str, kind: UnitKind, parent_id: UUID | None) -> Written:
+    def create_unit(
+        self, *, name: str, kind: UnitKind, parent_id: UUID | None, external_id: str | None = None,
+        add_members: Sequence[UUID] = (), effective_on: date | None = None,
+    ) -> Written:
+        """A company, or a unit under an open parent; `add_members` move into it from
+        `effective_on` (today if not given), in the same transaction."""
         if parent_id is not None:
-            self._existing(OrgUnit, parent_id, "org unit")
+            self._open_unit(parent_id, "org unit")
             if kind == UnitKind.company:
                 raise DomainError("a company is the root of its tree and cannot get a parent")
         elif kind is not UnitKind.company:
             raise DomainError("only a company may have no parent unit")
-        return self.save_written(OrgUnit(name=name, kind=kind, parent_id=parent_id))
+        if not name.strip():
+            raise DomainError("a unit's name cannot be blank")
+        unit = OrgUnit(name=name, kind=kind, parent_id=parent_id, external_id=external_id)
+        people = self._add_members(unit, add_members, effective_on or date.today())
+        return self.save_together(unit, *people)[0]
+
+    def _add_members(self, unit: OrgUnit, person_ids: Sequence[UUID], day: date) -> list[Person]:
+        people = [self._present_person(person_id, "member") for person_id in dict.fromkeys(person_ids)]
+        for person in people:
+            person.move_to_unit(unit.id, day)
+        return people
 
     def get_unit(self, unit_id: UUID) -> OrgUnit:
         return self._load(OrgUnit, unit_id)
 
-    @retry_on_conflict
-    def rename_unit(self, unit_id: UUID, name: str, expected_version: int | None = None) -> Written:
+    def _open_unit(self, unit_id: UUID, what: str) -> OrgUnit:
+        """A unit a request names that takes members or children: it exists (else 422) and is
+        not dissolved."""
+        unit = self._existing(OrgUnit, unit_id, what)
+        if unit.is_dissolved:
+            raise DomainError(f"the {what} {unit.name} was dissolved on {unit.dissolved_on.isoformat()}")
+        return unit
+
+    def _changeable_unit(self, unit_id: UUID, expected_version: int | None) -> OrgUnit:
         unit = self.get_unit(unit_id)
         self.check_version(unit, expected_version)
+        if unit.is_dissolved:
+            raise DomainError(f"{unit.name} was dissolved on {unit.dissolved_on.isoformat()} and cannot change")
+        return unit
+
+    @retry_on_conflict
+    def rename_unit(self, unit_id: UUID, name: str, expected_version: int | None = None) -> Written:
+        unit = self._changeable_unit(unit_id, expected_version)
         if not name.strip():
             raise DomainError("a unit's name cannot be blank")
         if name != unit.name:
@@ -120,15 +156,21 @@ class Goals(TandemApplication):
         return self.save_written(unit)
 
     @retry_on_conflict
-    def move_unit(self, unit_id: UUID, parent_id: UUID | None, expected_version: int | None = None) -> Written:
-        """Hang a unit under another parent; never under itself or anything below it."""
-        unit = self.get_unit(unit_id)
-        self.check_version(unit, expected_version)
-        if parent_id is not None and parent_id != unit_id:
-            self._existing(OrgUnit, parent_id, "org unit")
-            self._refuse_unit_cycle(unit_id, parent_id)
-        unit.move(parent_id)
+    def move_unit(
+        self, unit_id: UUID, parent_id: UUID | None, expected_version: int | None = None,
+        effective_on: date | None = None,
+    ) -> Written:
+        """Hang a unit under another parent from a day (today if not given); never under
+        itself or anything below it."""
+        unit = self._changeable_unit(unit_id, expected_version)
+        self._move_unit(unit, parent_id, effective_on or date.today())
         return self.save_written(unit)
+
+    def _move_unit(self, unit: OrgUnit, parent_id: UUID | None, effective_on: date) -> None:
+        if parent_id is not None and parent_id != unit.id:
+            self._open_unit(parent_id, "org unit")
+            self._refuse_unit_cycle(unit.id, parent_id)
+        unit.move(parent_id, effective_on)
 
     def _refuse_unit_cycle(self, unit_id: UUID, parent_id: UUID) -> None:
         """Walk up from the new parent: meeting the unit itself would close a loop."""
@@ -141,6 +183,75 @@ class Goals(TandemApplication):
             current = self.get_unit(current).parent_id
         raise DomainError(f"unit trees are limited to {MAX_TREE_DEPTH} levels")
 
+    @retry_on_conflict
+    def update_unit(
+        self,
+        unit_id: UUID,
+        *,
+        name: str | Unchanged = UNCHANGED,
+        parent_id: UUID | None | Unchanged = UNCHANGED,
+        external_id: str | None | Unchanged = UNCHANGED,
+        add_members: Sequence[UUID] = (),
+        remove_members: Sequence[UUID] = (),
+        effective_on: date | None = None,
+        expected_version: int | None = None,
+    ) -> Written:
+        """An HR system's change to a unit (a SCIM group), in one transaction: its name, parent
+        and external id, and who is in it. Adding a person moves them into the unit; removing
+        one moves them up to the unit's parent (a person always has a unit, so nobody is removed
+        from a company, the root). Moves take effect on `effective_on` (today if not given).
+        The `Written` is the unit's; If-Match is checked against the unit's version."""
+        day = effective_on or date.today()
+        unit = self._changeable_unit(unit_id, expected_version)
+        if not isinstance(name, Unchanged):
+            if not name.strip():
+                raise DomainError("a unit's name cannot be blank")
+            if name != unit.name:
+                unit.rename(name)
+        if not isinstance(parent_id, Unchanged):
+            self._move_unit(unit, parent_id, day)
+        if not isinstance(external_id, Unchanged):
+            unit.change_external_id(external_id)
+        people = {p.id: p for p in self._add_members(unit, add_members, day)}
+        for person_id in dict.fromkeys(remove_members):
+            if person_id in people:
+                raise DomainError(f"person {person_id} cannot be both added to and removed from {unit.name}")
+            person = self._present_person(person_id, "member")
+            if person.unit_id != unit.id:
+                continue  # not a member (any more): nothing to remove
+            if unit.parent_id is None:
+                raise DomainError(f"{person.name} cannot be removed from {unit.name}, the root unit: a person "
+                                  "always belongs to a unit; add them to another unit instead")
+            person.move_to_unit(unit.parent_id, day)
+            people[person_id] = person
+        return self.save_together(unit, *people.values())[0]
+
+    @retry_on_conflict
+    def dissolve_unit(
+        self,
+        unit_id: UUID,
+        *,
+        dissolved_on: date | None = None,
+        member_ids: Sequence[UUID] = (),
+        child_unit_ids: Sequence[UUID] = (),
+        expected_version: int | None = None,
+    ) -> Written:
+        """Dissolve an empty unit (its history stays). `member_ids` and `child_unit_ids` are
+        the unit's members and children as the caller read them from the read model (the unit
+        records neither); each that still is one refuses the dissolution."""
+        unit = self._changeable_unit(unit_id, expected_version)
+        for person_id in member_ids:
+            person = self._existing(Person, person_id, "person")
+            if person.unit_id == unit_id and not person.has_left:
+                raise UnitNotEmpty(f"{unit.name} still has members ({person.name}, ...): move them first")
+        for child_id in child_unit_ids:
+            child = self._existing(OrgUnit, child_id, "org unit")
+            if child.parent_id == unit_id and not child.is_dissolved:
+                raise UnitNotEmpty(f"{unit.name} still has units below it ({child.name}, ...): move or dissolve "
+                                   "them first")
+        unit.dissolve(dissolved_on or date.today())
+        return self.save_written(unit)
+
     # People --------------------------------------------------------------------------------
 
     def get_person(self, person_id: UUID) -> Person:
@@ -152,14 +263,63 @@ class Goals(TandemApplication):
             raise DomainError(f"{person.name} ({what}) left on {person.left_on.isoformat()}")
         return person
 
+    def _claim_user_name(self, person_id: UUID, old: str | None, new: str | None) -> list[UserName]:
+        """The user name index entries to save with a person whose user name goes from `old` to
+        `new`: the new one claimed (UserNameTaken if someone present holds it), the old released."""
+        if old == new:
+            return []
+        changed: list[UserName] = []
+        if new is not None:
+            try:
+                index: UserName = self._load(UserName, UserName.create_id(new))
+            except AggregateNotFoundError:
+                changed.append(UserName(user_name=new, person_id=person_id))
+            else:
+                holder = index.person_id
+                present = False
+                if holder is not None and holder != person_id:
+                    try:
+                        present = not self.get_person(holder).has_left
+                    except AggregateNotFoundError:
+                        present = False
+                index.claim(person_id, new, held_by_someone_present=present)
+                changed.append(index)
+        if old is not None and (new is None or user_name_key(old) != user_name_key(new)):
+            try:
+                index = self._load(UserName, UserName.create_id(old))
+            except AggregateNotFoundError:
+                pass
+            else:
+                index.release(person_id)
+                changed.append(index)
+        return changed
+
+    @retry_on_conflict
     def join_person(
-        self, *, name: str, email: str, unit_id: UUID, manager_id: UUID | None = None, joined_on: date
+        self,
+        *,
+        name: str,
+        email: str,
+        unit_id: UUID,
+        manager_id: UUID | None = None,
+        joined_on: date,
+        user_name: str | None = None,
+        external_id: str | None = None,
+        given_name: str | None = None,
+        family_name: str | None = None,
+        formatted_name: str | None = None,
+        emails: Sequence[dict[str, Any]] | None = None,
+        active: bool = True,
     ) -> Written:
-        self._existing(OrgUnit, unit_id, "org unit")
+        """Someone joins a unit; a user name (SCIM's `userName`) is theirs alone among the people
+        who have not left (UserNameTaken otherwise, also against a concurrent claim)."""
+        self._open_unit(unit_id, "org unit")
         if manager_id is not None:
             self._present_person(manager_id, "manager")
-        return self.save_written(Person.join(name=name, email=email, unit_id=unit_id, manager_id=manager_id,
-                                             joined_on=joined_on))
+        person = Person.join(name=name, email=email, unit_id=unit_id, manager_id=manager_id, joined_on=joined_on,
+                             user_name=user_name, external_id=external_id, given_name=given_name,
+                             family_name=family_name, formatted_name=formatted_name, emails=emails, active=active)
+        return self.save_together(person, *self._claim_user_name(person.id, None, user_name))[0]
 
     @retry_on_conflict
     def move_person(
@@ -167,7 +327,7 @@ class Goals(TandemApplication):
     ) -> Written:
         person = self.get_person(person_id)
         self.check_version(person, expected_version)
-        self._existing(OrgUnit, unit_id, "org unit")
+        self._open_unit(unit_id, "org unit")
         person.move_to_unit(unit_id, effective_on)
         return self.save_written(person)
 
@@ -178,11 +338,14 @@ class Goals(TandemApplication):
         """Nobody manages themselves, directly or up the chain."""
         person = self.get_person(person_id)
         self.check_version(person, expected_version)
-        if manager_id is not None and manager_id != person_id:
-            self._present_person(manager_id, "manager")
-            self._refuse_management_cycle(person_id, manager_id)
-        person.change_manager(manager_id, effective_on)
+        self._change_manager(person, manager_id, effective_on)
         return self.save_written(person)
+
+    def _change_manager(self, person: Person, manager_id: UUID | None, effective_on: date) -> None:
+        if manager_id is not None and manager_id != person.id:
+            self._present_person(manager_id, "manager")
+            self._refuse_management_cycle(person.id, manager_id)
+        person.change_manager(manager_id, effective_on)
 
     def _refuse_management_cycle(self, person_id: UUID, manager_id: UUID) -> None:
         current: UUID | None = manager_id
@@ -195,11 +358,43 @@ class Goals(TandemApplication):
         raise DomainError(f"management chains are limited to {MAX_TREE_DEPTH} levels")
 
     @retry_on_conflict
+    def update_person(
+        self,
+        person_id: UUID,
+        *,
+        profile: dict[str, Any] | None = None,
+        unit_id: UUID | None = None,
+        manager_id: UUID | None | Unchanged = UNCHANGED,
+        active: bool | None = None,
+        effective_on: date | None = None,
+        expected_version: int | None = None,
+    ) -> Written:
+        """An HR system's change to a person (a SCIM user), in one transaction: the whole
+        profile (`Person.update_profile`'s fields), the unit and manager from `effective_on`
+        (today if not given), and whether they are active. None / UNCHANGED: kept."""
+        day = effective_on or date.today()
+        person = self.get_person(person_id)
+        self.check_version(person, expected_version)
+        claims: list[UserName] = []
+        if profile is not None:
+            claims = self._claim_user_name(person.id, person.user_name, profile.get("user_name"))
+            person.update_profile(**profile)
+        if unit_id is not None:
+            self._open_unit(unit_id, "org unit")
+            person.move_to_unit(unit_id, day)
+        if not isinstance(manager_id, Unchanged):
+            self._change_manager(person, manager_id, day)
+        if active is not None:
+            person.set_active(active)
+        return self.save_together(person, *claims)[0]
+
+    @retry_on_conflict
     def person_leaves(self, person_id: UUID, *, left_on: date, expected_version: int | None = None) -> Written:
+        """The person's last day; their history stays, and their user name is free again."""
         person = self.get_person(person_id)
         self.check_version(person, expected_version)
         person.leave(left_on)
-        return self.save_written(person)
+        return self.save_together(person, *self._claim_user_name(person.id, person.user_name, None))[0]
 
     # Cycles --------------------------------------------------------------------------------
 
@@ -819,3 +1014,65 @@ def _refused_is_skipped(kr: KeyResult, e: Any) -> Iterator[None]:
         yield
     except DomainError as error:
         log.warning("key result %s skipped %s of KPI %s: %s", kr.id, e.type, e.originator_id, error)
+
+
+# Webhook subscriptions -----------------------------------------------------------------------
+# Commands over the `Goals` application, kept together with the rest of the webhook code in
+# mind (services.goals.webhooks): the subscription and the registry that lists it change in one
+# transaction, so the list the worker follows is never behind the log.
+
+def _webhook_registry(goals: Goals) -> WebhookRegistry:
+    try:
+        return goals.repository.get(WEBHOOK_REGISTRY_ID)
+    except AggregateNotFoundError:
+        return WebhookRegistry()
+
+
+def get_webhook(goals: Goals, subscription_id: UUID) -> WebhookSubscription:
+    """A subscription that is not removed; AggregateNotFoundError (404) otherwise."""
+    subscription = goals._load(WebhookSubscription, subscription_id)
+    if subscription.status == WebhookStatus.removed:
+        raise AggregateNotFoundError(subscription_id)
+    return subscription
+
+
+def list_webhooks(goals: Goals) -> list[WebhookSubscription]:
+    """Every subscription not removed, in the order of registration."""
+    return [goals.repository.get(i) for i in _webhook_registry(goals).subscription_ids]
+
+
+@retry_on_conflict
+def register_webhook(goals: Goals, *, url: str, event_types: Sequence[str], description: str = "",
+                     start_goals: int, start_metrics: int) -> Written:
+    subscription = WebhookSubscription.register(url=url, event_types=event_types, description=description,
+                                                start_goals=start_goals, start_metrics=start_metrics)
+    registry = _webhook_registry(goals)
+    registry.add(subscription.id)
+    return goals.save_together(subscription, registry)[0]
+
+
+@retry_on_conflict
+def pause_webhook(goals: Goals, subscription_id: UUID, *, reason: str, failures: int,
+                  expected_version: int | None = None) -> Written:
+    subscription = get_webhook(goals, subscription_id)
+    goals.check_version(subscription, expected_version)
+    subscription.pause(reason, failures)
+    return goals.save_written(subscription)
+
+
+@retry_on_conflict
+def resume_webhook(goals: Goals, subscription_id: UUID, expected_version: int | None = None) -> Written:
+    subscription = get_webhook(goals, subscription_id)
+    goals.check_version(subscription, expected_version)
+    subscription.resume()
+    return goals.save_written(subscription)
+
+
+@retry_on_conflict
+def remove_webhook(goals: Goals, subscription_id: UUID, expected_version: int | None = None) -> Written:
+    subscription = get_webhook(goals, subscription_id)
+    goals.check_version(subscription, expected_version)
+    subscription.remove()
+    registry = _webhook_registry(goals)
+    registry.remove(subscription.id)
+    return goals.save_together(subscription, registry)[0]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -194,23 +195,47 @@ def _require_text(value: str, what: str) -> None:
 
 # Org units -------------------------------------------------------------------------------------
 
-class OrgUnit(Aggregate):
-    """A company, department or team; units form a tree through `parent_id`."""
+class UnitNotEmpty(DomainError):
+    """A unit that still has members or open units below it cannot be dissolved."""
 
-    @event("Created")
-    def __init__(self, name: str, kind: UnitKind, parent_id: UUID | None) -> None:
+
+class OrgUnit(Aggregate):
+    """A company, department or team; units form a tree through `parent_id`.
+
+    `external_id` is the identifier an HR system (SCIM) knows the unit by. A unit is dissolved
+    rather than deleted, so the objectives and the people's history that name it keep their
+    meaning; a dissolved unit takes no members, children or changes.
+    """
+
+    class Created(Aggregate.Created):
+        name: str
+        kind: UnitKind
+        parent_id: UUID | None
+        # Units created before SCIM provisioning have no external id.
+        external_id: str | None = None
+
+    @event(Created)
+    def __init__(self, name: str, kind: UnitKind, parent_id: UUID | None, external_id: str | None = None) -> None:
         self.name = name
         self.kind = UnitKind(kind)
         self.parent_id = parent_id
+        self.external_id = external_id
+        self.dissolved_on: date | None = None
+
+    @property
+    def is_dissolved(self) -> bool:
+        # Snapshots and units created before dissolving existed lack the attribute.
+        return getattr(self, "dissolved_on", None) is not None
 
     @event("Renamed")
     def rename(self, name: str) -> None:
         self.name = name
 
-    def move(self, parent_id: UUID | None) -> None:
-        """Hang the unit under another parent. A company is the root of its tree, so it never
-        gets a parent, and every other unit keeps one. Whether the new parent lies below this
-        unit (a cycle) only the application can see: it walks up from the new parent."""
+    def move(self, parent_id: UUID | None, effective_on: date | None = None) -> None:
+        """Hang the unit under another parent from a given day. A company is the root of its
+        tree, so it never gets a parent, and every other unit keeps one. Whether the new parent
+        lies below this unit (a cycle) only the application can see: it walks up from the new
+        parent."""
         if parent_id == self.id:
             raise DomainError("a unit cannot be its own parent")
         if self.kind == UnitKind.company and parent_id is not None:
@@ -218,11 +243,34 @@ class OrgUnit(Aggregate):
         if self.kind != UnitKind.company and parent_id is None:
             raise DomainError("only a company may have no parent unit")
         if parent_id != self.parent_id:
-            self._moved(parent_id=parent_id)
+            self._moved(parent_id=parent_id, effective_on=effective_on)
 
-    @event("Moved")
-    def _moved(self, parent_id: UUID | None) -> None:
+    class Moved(Aggregate.Event):
+        parent_id: UUID | None
+        # Moves recorded before they were effective-dated took effect when they were recorded.
+        effective_on: date | None = None
+
+    @event(Moved)
+    def _moved(self, parent_id: UUID | None, effective_on: date | None = None) -> None:
         self.parent_id = parent_id
+
+    def change_external_id(self, external_id: str | None) -> None:
+        if external_id != getattr(self, "external_id", None):
+            self._external_id_changed(external_id=external_id)
+
+    @event("ExternalIdChanged")
+    def _external_id_changed(self, external_id: str | None) -> None:
+        self.external_id = external_id
+
+    def dissolve(self, dissolved_on: date) -> None:
+        """Once; whether it still has members or open children the application checks."""
+        if self.is_dissolved:
+            raise DomainError(f"{self.name} was dissolved on {self.dissolved_on.isoformat()}")
+        self._dissolved(dissolved_on=dissolved_on)
+
+    @event("Dissolved")
+    def _dissolved(self, dissolved_on: date) -> None:
+        self.dissolved_on = dissolved_on
 
 
 # People ----------------------------------------------------------------------------------------
@@ -236,8 +284,38 @@ class Person(Aggregate):
     for any day. `left_on` is the person's last day.
     """
 
-    @event("Joined")
-    def __init__(self, name: str, email: str, unit_id: UUID, manager_id: UUID | None, joined_on: date) -> None:
+    class Joined(Aggregate.Created):
+        name: str
+        email: str
+        unit_id: UUID
+        manager_id: UUID | None
+        joined_on: date
+        # What an HR system (SCIM) knows the person by; people who joined before SCIM
+        # provisioning have none of it, and are active.
+        user_name: str | None = None
+        external_id: str | None = None
+        given_name: str | None = None
+        family_name: str | None = None
+        formatted_name: str | None = None
+        emails: list[dict[str, Any]] | None = None
+        active: bool = True
+
+    @event(Joined)
+    def __init__(
+        self,
+        name: str,
+        email: str,
+        unit_id: UUID,
+        manager_id: UUID | None,
+        joined_on: date,
+        user_name: str | None = None,
+        external_id: str | None = None,
+        given_name: str | None = None,
+        family_name: str | None = None,
+        formatted_name: str | None = None,
+        emails: list[dict[str, Any]] | None = None,
+        active: bool = True,
+    ) -> None:
         self.name = name
         self.email = email
         self.joined_on = joined_on
@@ -246,14 +324,108 @@ class Person(Aggregate):
         self.managers: list[dict[str, Any]] = [{"manager_id": manager_id, "effective_on": joined_on}]
         self.unit_id = unit_id
         self.manager_id = manager_id
+        self.user_name = user_name
+        self.external_id = external_id
+        self.given_name = given_name
+        self.family_name = family_name
+        self.formatted_name = formatted_name
+        self.emails = list(emails) if emails is not None else [_primary_email(email)]
+        self.active = active
 
     @classmethod
-    def join(cls, *, name: str, email: str, unit_id: UUID, manager_id: UUID | None, joined_on: date) -> Person:
+    def join(
+        cls,
+        *,
+        name: str,
+        email: str,
+        unit_id: UUID,
+        manager_id: UUID | None,
+        joined_on: date,
+        user_name: str | None = None,
+        external_id: str | None = None,
+        given_name: str | None = None,
+        family_name: str | None = None,
+        formatted_name: str | None = None,
+        emails: Sequence[dict[str, Any]] | None = None,
+        active: bool = True,
+    ) -> Person:
         """Check before anything is recorded."""
-        _require_text(name, "a person's name")
-        if "@" not in email:
-            raise DomainError("a person's email needs an @")
-        return cls(name=name, email=email, unit_id=unit_id, manager_id=manager_id, joined_on=joined_on)
+        _check_profile(name, email, user_name, emails)
+        return cls(name=name, email=email, unit_id=unit_id, manager_id=manager_id, joined_on=joined_on,
+                   user_name=user_name, external_id=external_id, given_name=given_name, family_name=family_name,
+                   formatted_name=formatted_name, emails=None if emails is None else [dict(e) for e in emails],
+                   active=active)
+
+    def profile(self) -> dict[str, Any]:
+        """Who the person is, as `update_profile` takes it."""
+        return {"name": self.name, "email": self.email, "user_name": self.user_name,
+                "external_id": self.external_id, "given_name": self.given_name, "family_name": self.family_name,
+                "formatted_name": self.formatted_name, "emails": [dict(e) for e in self.emails]}
+
+    def update_profile(
+        self,
+        *,
+        name: str,
+        email: str,
+        user_name: str | None,
+        external_id: str | None,
+        given_name: str | None,
+        family_name: str | None,
+        formatted_name: str | None,
+        emails: Sequence[dict[str, Any]],
+    ) -> None:
+        """Replace what the person is called and reached by (the whole profile: an HR system
+        sends it whole); the same profile again records nothing. Someone who left keeps theirs."""
+        new = {"name": name, "email": email, "user_name": user_name, "external_id": external_id,
+               "given_name": given_name, "family_name": family_name, "formatted_name": formatted_name,
+               "emails": [dict(e) for e in emails]}
+        if new == self.profile():
+            return
+        if self.left_on is not None:
+            raise DomainError(f"{self.name} left on {self.left_on.isoformat()} and cannot be changed")
+        _check_profile(name, email, user_name, emails)
+        self._updated(**new)
+
+    @event("Updated")
+    def _updated(
+        self,
+        name: str,
+        email: str,
+        user_name: str | None,
+        external_id: str | None,
+        given_name: str | None,
+        family_name: str | None,
+        formatted_name: str | None,
+        emails: list[dict[str, Any]],
+    ) -> None:
+        self.name = name
+        self.email = email
+        self.user_name = user_name
+        self.external_id = external_id
+        self.given_name = given_name
+        self.family_name = family_name
+        self.formatted_name = formatted_name
+        self.emails = emails
+
+    def set_active(self, active: bool) -> None:
+        """Deactivated is not gone: the person stays in their unit (an HR system's suspension);
+        leaving is `leave`. The same state again records nothing."""
+        if active == self.active:
+            return
+        if self.left_on is not None:
+            raise DomainError(f"{self.name} left on {self.left_on.isoformat()} and cannot be changed")
+        if active:
+            self._reactivated()
+        else:
+            self._deactivated()
+
+    @event("Deactivated")
+    def _deactivated(self) -> None:
+        self.active = False
+
+    @event("Reactivated")
+    def _reactivated(self) -> None:
+        self.active = True
 
     @property
     def has_left(self) -> bool:
@@ -321,6 +493,82 @@ def _latest(history: list[dict[str, Any]]) -> dict[str, Any]:
         if h["effective_on"] >= best["effective_on"]:
             best = h
     return best
+
+
+EMAIL_KEYS = frozenset({"value", "type", "primary", "display"})
+
+
+def _primary_email(email: str) -> dict[str, Any]:
+    """The one address of someone who joined with an email only (REST, or before SCIM)."""
+    return {"value": email, "type": "work", "primary": True}
+
+
+def _check_profile(name: str, email: str, user_name: str | None, emails: Sequence[dict[str, Any]] | None) -> None:
+    _require_text(name, "a person's name")
+    if "@" not in email:
+        raise DomainError("a person's email needs an @")
+    if user_name is not None:
+        _require_text(user_name, "a user name")
+    for e in emails or ():
+        if set(e) - EMAIL_KEYS or "@" not in str(e.get("value", "")):
+            raise DomainError("each email is an address with an @ (and optionally a type, display and primary)")
+    if sum(1 for e in emails or () if e.get("primary")) > 1:
+        raise DomainError("at most one email is the primary one")
+
+
+class UserNameTaken(DomainError):
+    """A user name that another person who has not left already has."""
+
+
+def user_name_key(user_name: str) -> str:
+    """User names are unique without regard to case (as SCIM compares them): NFC, lower case."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", user_name).lower())
+
+
+USER_NAME_NAMESPACE = uuid5(NAMESPACE_URL, "https://tandem.dev/goals/user-names")
+"""Fixed forever: a user name's id is derived from it."""
+
+
+class UserName(Aggregate):
+    """Who holds a user name: the index that keeps user names unique.
+
+    Its id follows from the name (`create_id`), so two people claiming one name in the same
+    moment create the same aggregate, and the second save fails as a conflict instead of
+    passing unseen, as a check against a lagging read model would. It is saved in the same
+    transaction as the person who takes or gives up the name. A name given up (the person
+    left, or was renamed) can be claimed again.
+    """
+
+    @staticmethod
+    def create_id(user_name: str) -> UUID:
+        return uuid5(USER_NAME_NAMESPACE, user_name_key(user_name))
+
+    @event("Claimed")
+    def __init__(self, user_name: str, person_id: UUID) -> None:
+        self.user_name = user_name
+        self.person_id: UUID | None = person_id
+
+    def claim(self, person_id: UUID, user_name: str, held_by_someone_present: bool) -> None:
+        """Take the name for `person_id`: free, or held by that person, or by someone who is no
+        longer present (`held_by_someone_present` is False: the application knows who left)."""
+        if self.person_id == person_id:
+            return
+        if self.person_id is not None and held_by_someone_present:
+            raise UserNameTaken(f"the user name {user_name!r} is taken")
+        self._reclaimed(user_name=user_name, person_id=person_id)
+
+    @event("Reclaimed")
+    def _reclaimed(self, user_name: str, person_id: UUID) -> None:
+        self.user_name = user_name
+        self.person_id = person_id
+
+    def release(self, person_id: UUID) -> None:
+        if self.person_id == person_id:
+            self._released()
+
+    @event("Released")
+    def _released(self) -> None:
+        self.person_id = None
 
 
 # Cycles ----------------------------------------------------------------------------------------
@@ -1329,3 +1577,118 @@ def coaching_warnings(
         for kr in krs:
             warnings.extend(lint_key_result(kr))
     return warnings
+
+
+# Webhook subscriptions -------------------------------------------------------------------------
+
+class WebhookStatus(enum.StrEnum):
+    active = "active"
+    paused = "paused"
+    removed = "removed"
+
+
+class WebhookSubscription(Aggregate):
+    """A subscriber to the changes feed over HTTP: where to deliver, which event types, and the
+    feed positions delivery starts after.
+
+    Event-sourced so that who registered, paused and resumed a subscriber, and why, is in the
+    log like every other change. It holds no secret: the signing secret is derived from the
+    server's key and the id (services.goals.webhooks), so nothing secret is ever in the log.
+    The delivery worker pauses a subscriber that keeps failing; only an admin resumes it.
+    """
+
+    class Registered(Aggregate.Created):
+        url: str
+        event_types: list[str]
+        description: str
+        start_goals: int
+        start_metrics: int
+
+    @event(Registered)
+    def __init__(self, url: str, event_types: list[str], description: str, start_goals: int,
+                 start_metrics: int) -> None:
+        self.url = url
+        self.event_types = list(event_types)
+        self.description = description
+        self.start_goals = start_goals
+        self.start_metrics = start_metrics
+        self.status = WebhookStatus.active
+        self.paused_reason: str | None = None
+        self.resumes = 0
+
+    @classmethod
+    def register(cls, *, url: str, event_types: Sequence[str], description: str = "", start_goals: int = 0,
+                 start_metrics: int = 0) -> WebhookSubscription:
+        """Check before anything is recorded: a URL, at least one event type, sane positions."""
+        if not url.strip():
+            raise DomainError("a webhook needs a URL")
+        if not event_types:
+            raise DomainError("a webhook needs at least one event type")
+        if start_goals < 0 or start_metrics < 0:
+            raise DomainError("feed positions are never negative")
+        return cls(url=url, event_types=list(dict.fromkeys(event_types)), description=description,
+                   start_goals=start_goals, start_metrics=start_metrics)
+
+    def pause(self, reason: str, failures: int) -> None:
+        if self.status != WebhookStatus.active:
+            raise DomainError(f"only an active webhook can be paused (this one is {self.status})")
+        self._paused(reason=reason, failures=failures)
+
+    @event("Paused")
+    def _paused(self, reason: str, failures: int) -> None:
+        self.status = WebhookStatus.paused
+        self.paused_reason = reason
+
+    def resume(self) -> None:
+        if self.status != WebhookStatus.paused:
+            raise DomainError(f"only a paused webhook can be resumed (this one is {self.status})")
+        self._resumed()
+
+    @event("Resumed")
+    def _resumed(self) -> None:
+        self.status = WebhookStatus.active
+        self.paused_reason = None
+        self.resumes += 1
+
+    def remove(self) -> None:
+        if self.status == WebhookStatus.removed:
+            raise DomainError("the webhook is already removed")
+        self._removed()
+
+    @event("Removed")
+    def _removed(self) -> None:
+        self.status = WebhookStatus.removed
+
+
+WEBHOOK_REGISTRY_ID = uuid5(NAMESPACE_URL, "https://tandem.dev/goals/webhook-registry")
+"""Fixed forever: there is one registry."""
+
+
+class WebhookRegistry(Aggregate):
+    """The webhook subscriptions that are not removed, in the order they were registered: the
+    index the API lists and the delivery worker follows, kept in the event store (saved in the
+    same transaction as each registration and removal) so it never lags."""
+
+    @staticmethod
+    def create_id() -> UUID:
+        return WEBHOOK_REGISTRY_ID
+
+    @event("Created")
+    def __init__(self) -> None:
+        self.subscription_ids: list[UUID] = []
+
+    def add(self, subscription_id: UUID) -> None:
+        if subscription_id not in self.subscription_ids:
+            self._subscription_added(subscription_id=subscription_id)
+
+    @event("SubscriptionAdded")
+    def _subscription_added(self, subscription_id: UUID) -> None:
+        self.subscription_ids.append(subscription_id)
+
+    def remove(self, subscription_id: UUID) -> None:
+        if subscription_id in self.subscription_ids:
+            self._subscription_removed(subscription_id=subscription_id)
+
+    @event("SubscriptionRemoved")
+    def _subscription_removed(self, subscription_id: UUID) -> None:
+        self.subscription_ids.remove(subscription_id)

@@ -11,6 +11,10 @@ own first day), and `check_ins` holds each check-in and each correction as its o
 Derived values (a key result's current value, score and forecast) come from the domain's own
 functions, so that the read model and the write side always agree.
 
+`objectives.needs_reassignment` flags an open objective whose person owner has left (a SCIM
+DELETE, or a recorded last day): recomputed from the rows whenever an owner, a status or a
+person's leaving changes, so a replay gives the same flags.
+
 Beside it, following the metrics log (as contract events): the KPI policy (`KPIProgress`, an
 event-sourced projection that writes into the goals log) and `kpi_health`, a small read model of
 which KPIs are breached or stale, for the guardrails of objectives.
@@ -39,6 +43,7 @@ from services.goals.domain import (
     Objective,
     OrgUnit,
     Person,
+    UserName,
     forecast,
     in_valid_order,
 )
@@ -50,16 +55,24 @@ TABLES = ("units", "people", "person_units", "person_managers", "cycles", "objec
 
 class GoalsReadModel(ReadModel):
     tables = (
+        # external_id and dissolved_on: what SCIM groups need (services.goals.scim).
         """CREATE TABLE IF NOT EXISTS {schema}.units (
             id uuid PRIMARY KEY, name text NOT NULL, kind text NOT NULL, parent_id uuid,
-            version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
+            version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,
+            external_id text, dissolved_on date)""",
         "CREATE INDEX IF NOT EXISTS units_parent ON {schema}.units (parent_id)",
+        "CREATE INDEX IF NOT EXISTS units_name ON {schema}.units (lower(name))",
+        # From user_name on: the SCIM profile (services.goals.scim); `emails` always holds at
+        # least the person's `email`.
         """CREATE TABLE IF NOT EXISTS {schema}.people (
             id uuid PRIMARY KEY, name text NOT NULL, email text NOT NULL, unit_id uuid NOT NULL,
             manager_id uuid, joined_on date NOT NULL, left_on date,
-            version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
+            version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,
+            user_name text, external_id text, given_name text, family_name text, formatted_name text,
+            emails jsonb NOT NULL DEFAULT '[]', active boolean NOT NULL DEFAULT true)""",
         "CREATE INDEX IF NOT EXISTS people_unit ON {schema}.people (unit_id)",
         "CREATE INDEX IF NOT EXISTS people_manager ON {schema}.people (manager_id)",
+        "CREATE INDEX IF NOT EXISTS people_user_name ON {schema}.people (lower(COALESCE(user_name, email)))",
         """CREATE TABLE IF NOT EXISTS {schema}.person_units (
             person_id uuid NOT NULL, version bigint NOT NULL, unit_id uuid NOT NULL,
             from_on date NOT NULL, to_on date, effective boolean NOT NULL,
@@ -79,7 +92,8 @@ class GoalsReadModel(ReadModel):
             cycle_id uuid NOT NULL, parent_id uuid, status text NOT NULL,
             graded boolean NOT NULL, final_score double precision, grade_reason text,
             carried_from uuid, carried_to uuid[] NOT NULL,
-            version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
+            version bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,
+            needs_reassignment boolean NOT NULL DEFAULT false)""",
         "CREATE INDEX IF NOT EXISTS objectives_cycle_unit ON {schema}.objectives (cycle_id, unit_id)",
         "CREATE INDEX IF NOT EXISTS objectives_owner ON {schema}.objectives (owner_id, cycle_id)",
         "CREATE INDEX IF NOT EXISTS objectives_parent ON {schema}.objectives (parent_id)",
@@ -141,6 +155,23 @@ def _assignment(history: str, column: str, e: Any, value: UUID | None, from_on: 
     ]
 
 
+def _needs_reassignment(where: str, *params: Any) -> Statement:
+    """An open objective whose owner is a person who has left needs a new owner: recomputed
+    for the objectives `where` selects (over `o`) after every event that changes an objective's
+    owner or status, and after a person leaves."""
+    return ("UPDATE {schema}.objectives o SET needs_reassignment = (o.owner_kind = 'person' "
+            "AND o.status IN ('draft', 'active') AND EXISTS (SELECT 1 FROM {schema}.people p "
+            f"WHERE p.id = o.owner_id AND p.left_on IS NOT NULL)) WHERE {where}", params)
+
+
+def _reassignment_of(e: Any) -> Statement:
+    return _needs_reassignment("o.id = %s", e.originator_id)
+
+
+def _emails(e: Any) -> str:
+    return json.dumps(e.emails if e.emails is not None else [{"value": e.email, "type": "work", "primary": True}])
+
+
 def _spans(history: str, person_id: UUID) -> Statement:
     """Each assignment lasts until the day before the next one starts, and at most until the
     person's last day; one followed by another on its own first day never took effect."""
@@ -170,7 +201,16 @@ class GoalsProjection(Projection[GoalsReadModel]):
     def _(self, e: OrgUnit.Created, tracking: Tracking) -> None:
         self.view.apply(tracking, [_insert(
             "units", id=e.originator_id, name=e.name, kind=str(e.kind), parent_id=e.parent_id,
-            version=e.originator_version, created_at=e.timestamp, updated_at=e.timestamp)])
+            version=e.originator_version, created_at=e.timestamp, updated_at=e.timestamp,
+            external_id=e.external_id, dissolved_on=None)])
+
+    @process_event.register
+    def _(self, e: OrgUnit.ExternalIdChanged, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("units", e, external_id=e.external_id)])
+
+    @process_event.register
+    def _(self, e: OrgUnit.Dissolved, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("units", e, dissolved_on=e.dissolved_on)])
 
     @process_event.register
     def _(self, e: OrgUnit.Renamed, tracking: Tracking) -> None:
@@ -187,7 +227,10 @@ class GoalsProjection(Projection[GoalsReadModel]):
         self.view.apply(tracking, [
             _insert("people", id=e.originator_id, name=e.name, email=e.email, unit_id=e.unit_id,
                     manager_id=e.manager_id, joined_on=e.joined_on, left_on=None,
-                    version=e.originator_version, created_at=e.timestamp, updated_at=e.timestamp),
+                    version=e.originator_version, created_at=e.timestamp, updated_at=e.timestamp,
+                    user_name=e.user_name, external_id=e.external_id, given_name=e.given_name,
+                    family_name=e.family_name, formatted_name=e.formatted_name, emails=_emails(e),
+                    active=e.active),
             *_assignment("person_units", "unit_id", e, e.unit_id, e.joined_on),
             *_assignment("person_managers", "manager_id", e, e.manager_id, e.joined_on),
         ])
@@ -204,7 +247,29 @@ class GoalsProjection(Projection[GoalsReadModel]):
     def _(self, e: Person.Left, tracking: Tracking) -> None:
         self.view.apply(tracking, [_set("people", e, left_on=e.left_on),
                                    _spans("person_units", e.originator_id),
-                                   _spans("person_managers", e.originator_id)])
+                                   _spans("person_managers", e.originator_id),
+                                   _needs_reassignment("o.owner_id = %s", e.originator_id)])
+
+    @process_event.register
+    def _(self, e: Person.Updated, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set(
+            "people", e, name=e.name, email=e.email, user_name=e.user_name, external_id=e.external_id,
+            given_name=e.given_name, family_name=e.family_name, formatted_name=e.formatted_name,
+            emails=json.dumps(e.emails))])
+
+    @process_event.register
+    def _(self, e: Person.Deactivated, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("people", e, active=False)])
+
+    @process_event.register
+    def _(self, e: Person.Reactivated, tracking: Tracking) -> None:
+        self.view.apply(tracking, [_set("people", e, active=True)])
+
+    # The user name index: the people's rows say who has which user name.
+
+    @process_event.register
+    def _(self, e: UserName.Claimed | UserName.Reclaimed | UserName.Released, tracking: Tracking) -> None:
+        self.view.apply(tracking)
 
     # Cycles.
 
@@ -232,7 +297,7 @@ class GoalsProjection(Projection[GoalsReadModel]):
             owner_kind=str(e.owner_kind), owner_id=e.owner_id, unit_id=e.unit_id, cycle_id=e.cycle_id,
             parent_id=None, status=str(e.status), graded=False, final_score=None, grade_reason=None,
             carried_from=e.carried_from, carried_to=[], version=e.originator_version,
-            created_at=e.timestamp, updated_at=e.timestamp)])
+            created_at=e.timestamp, updated_at=e.timestamp), _reassignment_of(e)])
 
     @process_event.register
     def _(self, e: Objective.Aligned, tracking: Tracking) -> None:
@@ -256,7 +321,7 @@ class GoalsProjection(Projection[GoalsReadModel]):
     @process_event.register
     def _(self, e: Objective.Updated, tracking: Tracking) -> None:
         self.view.apply(tracking, [_set("objectives", e, title=e.title, description=e.description,
-                                        owner_kind=str(e.owner_kind), owner_id=e.owner_id)])
+                                        owner_kind=str(e.owner_kind), owner_id=e.owner_id), _reassignment_of(e)])
 
     @process_event.register
     def _(self, e: Objective.KeyResultAttached | Objective.KeyResultDetached, tracking: Tracking) -> None:
@@ -266,20 +331,20 @@ class GoalsProjection(Projection[GoalsReadModel]):
 
     @process_event.register
     def _(self, e: Objective.Activated | Objective.Reopened, tracking: Tracking) -> None:
-        self.view.apply(tracking, [_set("objectives", e, status="active")])
+        self.view.apply(tracking, [_set("objectives", e, status="active"), _reassignment_of(e)])
 
     @process_event.register
     def _(self, e: Objective.Closed, tracking: Tracking) -> None:
-        self.view.apply(tracking, [_set("objectives", e, status="closed")])
+        self.view.apply(tracking, [_set("objectives", e, status="closed"), _reassignment_of(e)])
 
     @process_event.register
     def _(self, e: Objective.Archived, tracking: Tracking) -> None:
-        self.view.apply(tracking, [_set("objectives", e, status="archived")])
+        self.view.apply(tracking, [_set("objectives", e, status="archived"), _reassignment_of(e)])
 
     @process_event.register
     def _(self, e: Objective.Graded, tracking: Tracking) -> None:
         self.view.apply(tracking, [_set("objectives", e, status="closed", graded=True,
-                                        final_score=e.final_score, grade_reason=e.reason)])
+                                        final_score=e.final_score, grade_reason=e.reason), _reassignment_of(e)])
 
     @process_event.register
     def _(self, e: Objective.Regraded, tracking: Tracking) -> None:

@@ -12,12 +12,14 @@ import psycopg
 import pytest
 from eventsourcing.projection import ProjectionRunner
 
+from services.common.auth import mint_token
 from services.common.database import ensure_schema
 from services.common.eventstore import event_types
 from services.common.projections import ProjectionSpec
 from services.goals.application import Goals
 from services.goals.domain import Cycle, KeyResult, KPIBinding, Objective, OrgUnit, Person
 from services.goals.projections import TABLES, GoalsProjection, GoalsReadModel, handled_event_types
+from tests.conftest import TEST_SECRET
 from tests.integration import test_goals_api
 from tests.integration.test_goals_api import post, read, write
 
@@ -49,6 +51,7 @@ async def every_kind_of_event(g: httpx.AsyncClient) -> dict[str, Any]:
     await write(g, "PUT", f"/v1/people/{bob['id']}/unit", {"unitId": support["id"], "effectiveOn": "2026-03-01"})
     await write(g, "PUT", f"/v1/people/{bob['id']}/manager", {"managerId": None, "effectiveOn": "2026-04-01"})
     await write(g, "POST", f"/v1/people/{bob['id']}/leave", {"leftOn": "2026-06-30"})
+    await scim_events(g)
 
     q3 = await post(g, "/v1/cycles", {"name": "Q3", "startsOn": "2026-07-01", "endsOn": "2026-09-30"})
     await write(g, "POST", f"/v1/cycles/{q3['id']}/activate")
@@ -93,6 +96,34 @@ async def every_kind_of_event(g: httpx.AsyncClient) -> dict[str, Any]:
     await write(g, "POST", f"/v1/cycles/{q3['id']}/close")
     await write(g, "POST", f"/v1/objectives/{b}/regrade", {"finalScore": 0.6, "reason": "churn data came late"})
     return await post(g, f"/v1/objectives/{b}/carry-over", {"toCycleId": q4["id"]})
+
+
+async def scim_events(g: httpx.AsyncClient) -> None:
+    """What only SCIM records: profiles, (de)activation, external ids and dissolved units."""
+    hr = {"Authorization": f"Bearer {mint_token(secret=TEST_SECRET, role='hr_sync', subject='okta')}"}
+    name = f"Ops {uuid4().hex[:8]}"
+
+    async def scim(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        r = await g.request(method, f"/scim/v2{path}", json=body, headers=hr)
+        assert r.status_code < 300, r.text
+        return r.json() if r.content else {}
+
+    ops = await scim("POST", "/Groups", {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                                         "displayName": name, "externalId": "ops"})
+    cy = await scim("POST", "/Users", {
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User",
+                    "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],
+        "userName": f"cy.{ops['id']}@example.com",
+        "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User": {"department": name}})
+    for op in ({"op": "replace", "path": "active", "value": False}, {"op": "replace", "path": "active", "value": True},
+               {"op": "replace", "path": "displayName", "value": "Cy"}):
+        await scim("PATCH", f"/Users/{cy['id']}", {"Operations": [op]})
+    team = await scim("POST", "/Groups", {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                                          "displayName": f"{name} team", "externalId": "t",
+                                          "urn:tandem:params:scim:schemas:extension:unit:2.0:Group": {
+                                              "parent": {"value": ops["id"]}}})
+    await scim("PATCH", f"/Groups/{team['id']}", {"Operations": [{"op": "replace", "path": "externalId", "value": "u"}]})
+    await scim("DELETE", f"/Groups/{team['id']}")
 
 
 def rows(database_url: str, schema: str) -> dict[str, list[tuple[Any, ...]]]:
