@@ -15,6 +15,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -105,3 +106,20 @@ async def serve_in_process(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             yield client
+
+
+async def ok(client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None = None,
+             status: int = 200, **headers: str) -> dict[str, Any]:
+    """A request that must answer `status` (200 unless said); its JSON body."""
+    r = await client.request(method, path, json=body, headers=headers)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+async def refused(client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None,
+                  status: int, **headers: str) -> dict[str, Any]:
+    """A request that must fail with `status` and problem details."""
+    r = await client.request(method, path, json=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    return r.json()

@@ -45,15 +45,6 @@ async def write(client: httpx.AsyncClient, method: str, path: str, body: dict[st
     return r.json()
 
 
-async def refused(client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None,
-                  status: int, **headers: str) -> dict[str, Any]:
-    """A request that must fail with `status` and problem details."""
-    r = await client.request(method, path, json=body, headers=headers)
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"] == "application/problem+json"
-    return r.json()
-
-
 async def read(client: httpx.AsyncClient, path: str, written: dict[str, Any]) -> dict[str, Any]:
     """Read once the read model has caught up with `written` (and everything before it); the
     ETag of a single resource is its version."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -23,18 +23,11 @@ from services.goals.feeds import FEED_EVENT_TYPES, INTERNAL_TOPICS, METRICS_EVEN
 from services.goals.settings import GoalsSettings
 from services.metrics.api import create_app as create_metrics
 from services.metrics.settings import MetricsSettings
-from tests.conftest import fresh_database, serve_in_process
+from tests.conftest import ok, serve_in_process
 
 Headers = Callable[..., dict[str, str]]
 TODAY = date.today()
 RANK = {"goals": 0, "metrics": 1}
-
-
-@pytest.fixture(scope="module")
-def own_database() -> Iterator[str]:
-    """The feed is every event of both logs: this module's alone."""
-    with fresh_database() as url:
-        yield url
 
 
 @asynccontextmanager
@@ -58,13 +51,6 @@ async def metrics(own_database: str, auth: Headers) -> AsyncIterator[httpx.Async
     async for client in serve_in_process(app):
         client.headers.update(auth("admin", "ada"))
         yield client
-
-
-async def ok(client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None = None,
-             status: int = 200, **headers: str) -> dict[str, Any]:
-    r = await client.request(method, path, json=body, headers=headers)
-    assert r.status_code == status, r.text
-    return r.json()
 
 
 async def problem(client: httpx.AsyncClient, path: str, status: int, **headers: str) -> dict[str, Any]:

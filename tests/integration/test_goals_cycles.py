@@ -10,8 +10,9 @@ import httpx
 import psycopg
 import pytest
 
+from tests.conftest import refused
 from tests.integration import test_goals_api
-from tests.integration.test_goals_api import MISSING, post, read, refused, write
+from tests.integration.test_goals_api import MISSING, post, read, write
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 goals = test_goals_api.goals  # the fixture: each module serves its own app

@@ -24,7 +24,7 @@ from services.goals.api import create_app as create_goals
 from services.goals.settings import GoalsSettings
 from services.metrics.api import create_app as create_metrics
 from services.metrics.settings import MetricsSettings
-from tests.conftest import fresh_database, serve_in_process
+from tests.conftest import fresh_database, ok, refused, serve_in_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -63,21 +63,6 @@ async def goals(auth: Callable[..., dict[str, str]]) -> AsyncIterator[httpx.Asyn
     other one may be following the metrics log meanwhile."""
     async with serve(create_goals(), auth("admin", "ada")) as service:
         yield service.client
-
-
-async def ok(client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None = None,
-             status: int = 200, **headers: str) -> dict[str, Any]:
-    r = await client.request(method, path, json=body, headers=headers)
-    assert r.status_code == status, r.text
-    return r.json()
-
-
-async def refused(client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None,
-                  status: int, **headers: str) -> dict[str, Any]:
-    r = await client.request(method, path, json=body, headers=headers)
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"] == "application/problem+json"
-    return r.json()
 
 
 async def read(client: httpx.AsyncClient, path: str, wait_for: str) -> dict[str, Any]:

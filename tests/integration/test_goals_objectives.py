@@ -8,8 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import refused
 from tests.integration import test_goals_api
-from tests.integration.test_goals_api import MISSING, post, read, refused, seed, write
+from tests.integration.test_goals_api import MISSING, post, read, seed, write
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 goals = test_goals_api.goals  # the fixture: each module serves its own app

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -27,7 +27,7 @@ from services.goals.settings import GoalsSettings
 from services.goals.webhooks import WebhookWorker, backoff, verify_signature
 from services.metrics.api import create_app as create_metrics
 from services.metrics.settings import MetricsSettings
-from tests.conftest import fresh_database, serve_in_process
+from tests.conftest import fresh_database, ok, refused, serve_in_process
 
 Headers = Callable[..., dict[str, str]]
 TODAY = date.today()
@@ -133,13 +133,6 @@ async def serve_goals(database_url: str, headers: dict[str, str], **settings: An
 
 
 @pytest.fixture(scope="module")
-def own_database() -> Iterator[str]:
-    """Subscribers see every event after their start: this module's alone."""
-    with fresh_database() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 async def goals(own_database: str, auth: Headers) -> AsyncIterator[Goals]:
     async with serve_goals(own_database, auth("admin", "ada")) as service:
         yield service
@@ -156,21 +149,6 @@ async def metrics(own_database: str, auth: Headers) -> AsyncIterator[httpx.Async
 async def rounds(service: Goals, n: int) -> None:
     """Until the worker has finished `n` more rounds: it has looked at every subscriber since."""
     await asyncio.wait_for(service.worker.rounds_pass(n), DEADLINE)
-
-
-async def ok(client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None = None,
-             status: int = 200, **headers: str) -> dict[str, Any]:
-    r = await client.request(method, path, json=body, headers=headers)
-    assert r.status_code == status, r.text
-    return r.json()
-
-
-async def refused(client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None,
-                  status: int, **headers: str) -> dict[str, Any]:
-    r = await client.request(method, path, json=body, headers=headers)
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"] == "application/problem+json"
-    return r.json()
 
 
 async def feed_end(client: httpx.AsyncClient) -> str:
