@@ -13,10 +13,10 @@ SUBJECT ?= dev
 
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 
-.PHONY: run test bench token contracts clean-data help
+.PHONY: run test bench token contracts verify rebuild export import clean-data help
 
 help:
-	@echo "make run | make test | make bench | make token ROLE=admin | make contracts | make clean-data"
+	@echo "make run | make test | make bench | make token ROLE=admin | make contracts | make verify | make rebuild | make export | make import FILE=... | make clean-data"
 
 # The stamp is rebuilt when the lock changes, so a pull that adds a package installs it.
 $(VENV)/.installed: pyproject.toml uv.lock
@@ -42,6 +42,25 @@ token: $(VENV)/.installed
 
 contracts: $(VENV)/.installed
 	$(PY) -m services.contracts export
+
+# Checks each service's event log against its hash chain; prints each log's head hash (keep it)
+# or the first altered, deleted, reordered or unchained record, and fails on any.
+verify: $(VENV)/.installed
+	$(PY) -m services.audit verify
+
+# Rebuilds every read model from the event logs, compares each with the live one (checksums)
+# and prints events per second. Run it with the stack stopped, or it keeps what a runner moved.
+rebuild: $(VENV)/.installed
+	$(PY) -m services.audit rebuild
+
+# Every event log as JSON Lines (.data/export/ unless OUT=...); `make import FILE=...` loads one
+# into an empty installation and builds the read models from it.
+export: $(VENV)/.installed
+	$(PY) -m services.audit export $(if $(OUT),--out $(OUT))
+
+import: $(VENV)/.installed
+	@test -n "$(FILE)" || { echo "usage: make import FILE=path/to/export.jsonl"; exit 2; }
+	$(PY) -m services.audit import $(FILE)
 
 clean-data:
 	rm -rf .data
