@@ -214,6 +214,13 @@ class OrgUnit(Aggregate):
         # Units created before SCIM provisioning have no external id.
         external_id: str | None = None
 
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """v1 (6d87ba3 to 1793178) had no `external_id`."""
+            state.setdefault("external_id", None)
+
     @event(Created)
     def __init__(self, name: str, kind: UnitKind, parent_id: UUID | None, external_id: str | None = None) -> None:
         self.name = name
@@ -249,6 +256,13 @@ class OrgUnit(Aggregate):
         parent_id: UUID | None
         # Moves recorded before they were effective-dated took effect when they were recorded.
         effective_on: date | None = None
+
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """v1 (6d87ba3 to 1793178) had no `effective_on`: None, the move took effect when recorded."""
+            state.setdefault("effective_on", None)
 
     @event(Moved)
     def _moved(self, parent_id: UUID | None, effective_on: date | None = None) -> None:
@@ -299,6 +313,16 @@ class Person(Aggregate):
         formatted_name: str | None = None
         emails: list[dict[str, Any]] | None = None
         active: bool = True
+
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """v1 (f1f11aa to 1793178) had no SCIM profile: none of it, and active (`emails`
+            None means the one primary address `email`, as for a join without emails now)."""
+            for name in ("user_name", "external_id", "given_name", "family_name", "formatted_name", "emails"):
+                state.setdefault(name, None)
+            state.setdefault("active", True)
 
     @event(Joined)
     def __init__(
@@ -595,6 +619,15 @@ class Cycle(Aggregate):
         kind: CycleKind = CycleKind.quarter
         parent_id: UUID | None = None
 
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """v1 (6d87ba3, 8268a14) had no `kind` and no `parent_id`: a quarter inside no year,
+            as those cycles have always been read."""
+            state.setdefault("kind", CycleKind.quarter.value)
+            state.setdefault("parent_id", None)
+
     @event(Created)
     def __init__(
         self,
@@ -674,6 +707,15 @@ class Objective(Aggregate):
         # Objectives recorded before drafts and carry-over existed were active, carried from none.
         status: ObjectiveStatus = ObjectiveStatus.active
         carried_from: UUID | None = None
+
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """v1 (6d87ba3, 8268a14) had no `status` (every objective began active) and no
+            `carried_from`."""
+            state.setdefault("status", ObjectiveStatus.active.value)
+            state.setdefault("carried_from", None)
 
     @event(Created)
     def __init__(
@@ -1021,6 +1063,13 @@ class KeyResult(Aggregate):
         # check-ins recorded before KPIs drove key results name none.
         measurement_id: UUID | None = None
 
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """v1 (6d87ba3 to c256e20) had no `measurement_id`: a person's check-in."""
+            state.setdefault("measurement_id", None)
+
     @event("Created")
     def __init__(
         self,
@@ -1356,6 +1405,12 @@ class Scored(Protocol):
 def objective_score(key_results: Iterable[Scored]) -> float | None:
     """The weighted mean of the key results' scores by their weights; unscored ones left out."""
     return weighted_mean([(k.score, k.weight) for k in key_results])
+
+
+def objective_forecast(forecast_scores: Iterable[tuple[float | None, float]]) -> float | None:
+    """The objective's projected end-of-cycle score: its key results' forecast scores, each
+    (score, weight), weighted as its score is; key results without a forecast left out."""
+    return weighted_mean(list(forecast_scores))
 
 
 def forecast(measure: Measure, check_ins: Sequence[CheckIn], ends_on: date) -> tuple[float | None, float | None]:

@@ -394,7 +394,27 @@ class KPI(Aggregate):
     Its measurements, corrections, breaches, recoveries, staleness and changes of target or rules
     are its events; see the module's docstring for how rules are judged."""
 
-    @event("Defined")
+    class Defined(Aggregate.Created):
+        """The KPI's definition; `rules` are `ThresholdRule.as_dict()`s, the contract's JSON."""
+
+        name: str
+        description: str
+        unit: str
+        owner_id: UUID | None
+        unit_id: UUID | None
+        direction: Direction
+        cadence: Cadence
+        target: float | None
+        rules: list[dict[str, Any]]
+
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """v1 (e53ee99, 8268a14) rules had no `pending_for`: they fired without waiting (0 s)."""
+            state["rules"] = [{**r, "pending_for": r.get("pending_for", 0)} for r in state.get("rules") or []]
+
+    @event(Defined)
     def __init__(
         self,
         name: str,

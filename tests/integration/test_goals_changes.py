@@ -148,7 +148,7 @@ async def test_the_feed_merges_both_logs_in_recorded_time_order_and_pages_stably
     assert check_in["data"]["value"] == 42 and check_in["data"]["valid_on"] == {"_type_": "date_iso",
                                                                                "_data_": TODAY.isoformat()}
     assert (check_in["meta"]["actor"], check_in["meta"]["correlation_id"]) == ("ada", "check-in-42")
-    assert check_in["contract"].endswith("/events/goals/KeyResultProgressed.v1.json")
+    assert check_in["contract"].endswith("/events/goals/KeyResultProgressed.v2.json")
     for event in truth:
         item = items[event["id"]]
         assert {**item["data"], "meta": item["meta"]} == event["state"]
