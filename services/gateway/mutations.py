@@ -100,33 +100,7 @@ class Forwarder:
             headers["Idempotency-Key"] = idempotency_key
         if expected_version is not None:
             headers["If-Match"] = etag(expected_version)
-        with self.tracer.start_as_current_span(
-                f"{method} {service}", kind=SpanKind.CLIENT,
-                attributes={"http.request.method": method, "tandem.service": service}) as span:
-            inject(headers)  # traceparent and tracestate of this span, a child of the caller's
-            try:
-                response = await self.client.request(method, self.base_urls[service] + path, headers=headers,
-                                                     json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
-                span.set_status(Status(StatusCode.ERROR, type(e).__name__))
-                log.warning("%s unreachable for %s %s: %r", service, method, path, e)
-                raise MutationError(f"The {service} service could not be reached; nothing was written. Retry later.",
-                                    code="SERVICE_UNAVAILABLE", status=503, service=service) from None
-            except httpx.TimeoutException as e:
-                span.set_status(Status(StatusCode.ERROR, type(e).__name__))
-                log.warning("%s did not answer %s %s in %ss: %r", service, method, path, self.timeout, e)
-                raise MutationError(f"The {service} service did not answer in time; the write may have happened. "
-                                    "Retry with the same idempotencyKey, or read before writing again.",
-                                    code="GATEWAY_TIMEOUT", status=504, service=service) from None
-            except httpx.HTTPError as e:
-                span.set_status(Status(StatusCode.ERROR, type(e).__name__))
-                log.warning("%s failed %s %s: %r", service, method, path, e)
-                raise MutationError(f"The connection to the {service} service failed; the write may have happened. "
-                                    "Retry with the same idempotencyKey, or read before writing again.",
-                                    code="SERVICE_UNAVAILABLE", status=503, service=service) from None
-            span.set_attribute("http.response.status_code", response.status_code)
-            if response.status_code >= 400:
-                span.set_status(Status(StatusCode.ERROR, str(response.status_code)))
+        response = await self._send(service, method, path, headers, body)
         if response.is_success:
             data = response.json()
             return WritePayload(
@@ -134,6 +108,53 @@ class Forwarder:
                 position=response.headers.get(POSITION_HEADER) or format_position(service, int(data["position"])),
                 replayed=response.headers.get("Idempotent-Replayed") == "true")
         raise _service_error(service, response)
+
+    async def read(self, service: str, path: str, *, authorization: str | None, correlation_id: str,
+                   params: dict[str, Any] | None = None) -> Any:
+        """GET a service's JSON answer (what the gateway's read model does not hold, such as an
+        aggregate's history), forwarded as a write is; a refusal is the same error."""
+        headers = {"Accept": "application/json, application/problem+json", CORRELATION_HEADER: correlation_id}
+        if authorization:
+            headers["Authorization"] = authorization
+        response = await self._send(service, "GET", path, headers, params=params)
+        if response.is_success:
+            return response.json()
+        raise _service_error(service, response)
+
+    async def _send(self, service: str, method: str, path: str, headers: dict[str, str], body: Any = None, *,
+                    params: dict[str, Any] | None = None) -> httpx.Response:
+        """One request in a client span whose trace context goes with it; failing to get an
+        answer is a MutationError that says whether a write may have happened."""
+        writing = method != "GET"
+        written = "; nothing was written" if writing else ""
+        maybe_written = ("; the write may have happened. Retry with the same idempotencyKey, or read before "
+                         "writing again." if writing else ". Retry later.")
+        with self.tracer.start_as_current_span(
+                f"{method} {service}", kind=SpanKind.CLIENT,
+                attributes={"http.request.method": method, "tandem.service": service}) as span:
+            inject(headers)  # traceparent and tracestate of this span, a child of the caller's
+            try:
+                response = await self.client.request(method, self.base_urls[service] + path, headers=headers,
+                                                     json=body, params=params)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
+                span.set_status(Status(StatusCode.ERROR, type(e).__name__))
+                log.warning("%s unreachable for %s %s: %r", service, method, path, e)
+                raise MutationError(f"The {service} service could not be reached{written}. Retry later.",
+                                    code="SERVICE_UNAVAILABLE", status=503, service=service) from None
+            except httpx.TimeoutException as e:
+                span.set_status(Status(StatusCode.ERROR, type(e).__name__))
+                log.warning("%s did not answer %s %s in %ss: %r", service, method, path, self.timeout, e)
+                raise MutationError(f"The {service} service did not answer in time{maybe_written}",
+                                    code="GATEWAY_TIMEOUT", status=504, service=service) from None
+            except httpx.HTTPError as e:
+                span.set_status(Status(StatusCode.ERROR, type(e).__name__))
+                log.warning("%s failed %s %s: %r", service, method, path, e)
+                raise MutationError(f"The connection to the {service} service failed{maybe_written}",
+                                    code="SERVICE_UNAVAILABLE", status=503, service=service) from None
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 400:
+                span.set_status(Status(StatusCode.ERROR, str(response.status_code)))
+        return response
 
 
 def _service_error(service: str, response: httpx.Response) -> MutationError:
@@ -263,17 +284,33 @@ def _path_id(value: str, what: str) -> str:
 
 async def _write(info: Info, service: str, method: str, path: str, body: Any = None, *,
                  idempotency_key: str | None = None, expected_version: int | None = None) -> WritePayload:
+    forwarder, authorization, correlation_id = _forwarding(info)
+    return await forwarder.write(service, method, path, body, authorization=authorization,
+                                 correlation_id=correlation_id, idempotency_key=idempotency_key,
+                                 expected_version=expected_version)
+
+
+def _forwarding(info: Info) -> tuple[Forwarder, str | None, str]:
+    """The app's forwarder, the caller's Authorization and the request's correlation id."""
     connection: HTTPConnection = info.context.request
     forwarder: Forwarder = connection.app.state.forwarder
     # Mutations come over HTTP only (the websocket carries subscriptions): the header as the
     # caller sent it, and one correlation id for every mutation of the request.
     authorization = connection.headers.get("authorization")
+    principal = getattr(info.context, "principal", None)
+    if not authorization and principal is not None:  # a websocket: the connection_init token
+        authorization = f"Bearer {principal.token}"
     if not hasattr(connection.state, "correlation_id"):
         connection.state.correlation_id = connection.headers.get(CORRELATION_HEADER) or new_correlation_id()
-    correlation_id = connection.state.correlation_id
-    return await forwarder.write(service, method, path, body, authorization=authorization,
-                                 correlation_id=correlation_id, idempotency_key=idempotency_key,
-                                 expected_version=expected_version)
+    return forwarder, authorization, connection.state.correlation_id
+
+
+async def forward_read(info: Info, service: str, path: str, params: dict[str, Any] | None = None) -> Any:
+    """A read the gateway's read model cannot answer (an aggregate's history), forwarded to the
+    owning service as a mutation is: the caller's token, correlation id and trace context."""
+    forwarder, authorization, correlation_id = _forwarding(info)
+    return await forwarder.read(service, path, authorization=authorization, correlation_id=correlation_id,
+                                params=params)
 
 
 IdempotencyKey = Annotated[str | None, strawberry.argument(
