@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import threading
+import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from eventsourcing.application import Application
 from eventsourcing.persistence import InfrastructureFactory, Mapper, StoredEvent, Tracking
 from eventsourcing.postgres import PostgresProcessRecorder, PostgresTrackingRecorder
@@ -34,9 +38,11 @@ from eventsourcing.projection import (
 from eventsourcing.utils import Environment, get_topic
 from psycopg.sql import SQL, Identifier
 
+from services.common.contract_upcasts import CONTRACT_UPCASTS, ContractUpcast, upcast_contract_state
 from services.common.database import eventsourcing_env, projection_channel
 from services.common.eventstore import standard_transcoder, topic_event_type
 from services.common.recorder import UnpipelinedInsert
+from services.common.telemetry import traced_projection
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +78,12 @@ class ReadModel(PostgresTrackingRecorder):
 
     @property
     def table_names(self) -> list[str]:
-        return [m.group(1) for ddl in self.tables if (m := _CREATED_TABLE.search(ddl))]
+        return self.created_tables()
+
+    @classmethod
+    def created_tables(cls) -> list[str]:
+        """The tables the DDL creates (indexes aside)."""
+        return [m.group(1) for ddl in cls.tables if (m := _CREATED_TABLE.search(ddl))]
 
     @classmethod
     def fingerprint(cls) -> str:
@@ -107,8 +118,36 @@ class ReadModel(PostgresTrackingRecorder):
                          "SET fingerprint = EXCLUDED.fingerprint").format(fingerprints),
                      (self.tracking_table_name, self.fingerprint()))
 
+    announces: bool = True
+    """Whether projections tell live subscribers about what they write (a replay into a
+    scratch schema does not)."""
+
+    _batch: Any = None
+    _batch_tracking: Tracking | None = None
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction for every event applied inside: the statements of each, then the last
+        tracking position once, committed together (or not at all). `query` reads inside it, so
+        a handler sees what the events before it in the batch wrote."""
+        with self.datastore.transaction(commit=True) as curs:
+            self._batch, self._batch_tracking = curs, None
+            try:
+                yield
+                if self._batch_tracking is not None:
+                    self._insert_tracking(curs, self._batch_tracking)
+                    curs.execute(SQL("NOTIFY {}").format(Identifier(self.channel)))
+            finally:
+                self._batch, self._batch_tracking = None, None
+
     def apply(self, tracking: Tracking, statements: Iterable[Statement] = ()) -> None:
-        """Run the statements and record the tracking position in one transaction."""
+        """Run the statements and record the tracking position in one transaction (the batch's,
+        inside `batch`)."""
+        if self._batch is not None:
+            for sql, params in statements:
+                self._batch.execute(sql.format(schema=self.schema), params)
+            self._batch_tracking = tracking
+            return
         with self.datastore.transaction(commit=True) as curs:
             for sql, params in statements:
                 curs.execute(sql.format(schema=self.schema), params)  # type: ignore[arg-type]
@@ -116,7 +155,11 @@ class ReadModel(PostgresTrackingRecorder):
             curs.execute(SQL("NOTIFY {}").format(Identifier(self.channel)))
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Read the projection's own tables while processing (the same connection pool)."""
+        """Read the projection's own tables while processing (the same connection pool, or the
+        batch's transaction)."""
+        if self._batch is not None:
+            self._batch.execute(sql.format(schema=self.schema), params)
+            return list(self._batch.fetchall())
         with self.datastore.transaction(commit=False) as curs:
             curs.execute(sql.format(schema=self.schema), params)  # type: ignore[arg-type]
             return list(curs.fetchall())
@@ -131,6 +174,8 @@ class ContractEvent:
     version: int
     data: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    stored_class_version: int = 1
+    """The version the event was stored as; `data` has been upcast past it (`ContractMapper`)."""
 
     @property
     def timestamp(self) -> datetime:
@@ -138,15 +183,25 @@ class ContractEvent:
 
 
 class ContractMapper(Mapper[uuid.UUID]):
+    """Decodes a stored event into a `ContractEvent` with the JSON transcoder alone, and brings
+    an older stored version up to the newest one the contract upcasts know (`upcasts`, keyed by
+    event type and version: `services.common.contract_upcasts`), so handlers see one shape."""
+
+    upcasts: Mapping[tuple[str, int], ContractUpcast] = CONTRACT_UPCASTS
+
     def to_domain_event(self, stored_event: StoredEvent) -> Any:  # type: ignore[override]
         state = self.transcoder.decode(stored_event.state)
         meta = state.pop("meta", {}) or {}
+        event_type = topic_event_type(stored_event.topic)
+        stored_class_version = int(state.get("class_version", 1))
+        upcast_contract_state(event_type, state, self.upcasts)
         return ContractEvent(
-            type=topic_event_type(stored_event.topic),
+            type=event_type,
             originator_id=uuid.UUID(str(stored_event.originator_id)),
             version=stored_event.originator_version,
             data=state,
             meta=meta,
+            stored_class_version=stored_class_version,
         )
 
     def to_stored_event(self, domain_event: Any) -> StoredEvent:
@@ -185,13 +240,16 @@ class ProjectionSpec:
         return {f"{self.projection_class.name.upper()}_PROCESS_RECORDER_TOPIC": get_topic(AnnouncingProcessRecorder)}
 
     def runner(self, database_url: str) -> Any:
+        projection_class = traced_projection(self.projection_class)  # a span per event processed
         if self.view_class is None:
             return EventSourcedProjectionRunner(application_class=self.application_class,
-                                                projection_class=self.projection_class,  # type: ignore[arg-type]
+                                                projection_class=projection_class,  # type: ignore[arg-type]
                                                 env=self.env(database_url))
-        return ProjectionRunner(application_class=self.application_class,
-                                projection_class=self.projection_class,  # type: ignore[arg-type]
-                                view_class=self.view_class, env=self.env(database_url))
+        # A read model takes the log's new events a batch per transaction (services.common.replay).
+        from services.common.replay import BatchingRunner
+
+        return BatchingRunner(self, projection_class, database_url,
+                              batch_size=int(os.environ.get("TANDEM_PROJECTION_BATCH_SIZE", "500")))
 
     def env(self, database_url: str) -> dict[str, str]:
         app_name = self.application_class.name.upper()
@@ -247,38 +305,114 @@ class AnnouncingProcessRecorder(UnpipelinedInsert, PostgresProcessRecorder):
             curs.execute(SQL("NOTIFY {}").format(Identifier(self.tracking_channel)))
 
 
+PROJECTION_LOCK_CLASS = "tandem.projection-runner"
+"""The first key of every projection runner's advisory lock (the two-key form, so that no
+single-key advisory lock elsewhere can collide with them); the second is `ProjectionThread.lock_key`."""
+
+_LOCK_CONNECTION = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                    "connect_timeout": 10}
+_LOCK_SESSION = ("SET tcp_keepalives_idle = 10", "SET tcp_keepalives_interval = 5", "SET tcp_keepalives_count = 3")
+"""The server drops the session of a runner whose machine vanished (no FIN, no RST) within about
+half a minute, so that its lock passes to a standby; a killed process's session ends at once
+(its socket is closed). Set in the session rather than as startup options, which poolers refuse."""
+
+
 class ProjectionThread(threading.Thread):
     """Keeps one projection runner going: if it stops on an error (the database went away, or
     the followed log's table does not exist yet because its service is still starting), it is
     started again after a pause, doubling up to `max_pause`, and resumes from its tracking
-    position."""
+    position.
+
+    One active runner per projection, however many replicas run it: before it processes
+    anything, the thread takes the projection's PostgreSQL advisory lock
+    (`pg_try_advisory_lock(hashtext('tandem.projection-runner'), hashtext(lock_key))`) on a
+    connection of its own, held for as long as the runner runs. Without it, the thread stands
+    by (`standing_by`), trying again every `standby_retry` seconds; when the holder's session
+    ends (it stopped, crashed or was killed) a standby gets the lock and carries on from the
+    tracking position. The holder checks its lock connection every `lock_check_interval`
+    seconds and stops its runner when that connection is gone. Exactly once does not rest on
+    the lock: a position is recorded with the changes it made, and a second writer of the same
+    position fails its transaction."""
 
     def __init__(self, spec: ProjectionSpec, database_url: str, first_pause: float = 0.2,
-                 max_pause: float = 5.0):
+                 max_pause: float = 5.0, standby_retry: float = 2.0, lock_check_interval: float = 2.0):
         super().__init__(name=f"projection-{spec.projection_class.name}-{spec.application_class.name}",
                          daemon=True)
         self.spec = spec
         self.database_url = database_url
         self.first_pause = first_pause
         self.max_pause = max_pause
+        self.standby_retry = standby_retry
+        self.lock_check_interval = lock_check_interval
         self.stopping = threading.Event()
         self.running = threading.Event()
+        """Set while this thread holds the lock and its runner runs."""
+        self.standing_by = threading.Event()
+        """Set while another replica holds the lock and this one waits for it."""
         self.last_error: str | None = None
         self._runner: ProjectionRunner[Any, Any] | None = None
+
+    @property
+    def lock_key(self) -> str:
+        """What names the projection's lock: `<view schema>.<projection>/<followed app>`."""
+        return f"{self.spec.view_schema}.{self.spec.projection_class.name}/{self.spec.application_class.name}"
+
+    @property
+    def state(self) -> str:
+        """For readiness checks: running, standing by, or not running (and why)."""
+        if self.running.is_set():
+            return "running"
+        if self.standing_by.is_set():
+            return "standing by"
+        return f"not running ({self.last_error or 'starting'})"
+
+    @property
+    def ready(self) -> bool:
+        """A standby is as ready as the holder: it takes over when the holder goes."""
+        return self.running.is_set() or self.standing_by.is_set()
+
+    def _take_lock(self, conn: psycopg.Connection[Any]) -> bool:
+        """Try for the projection's lock until it is ours (True) or the thread stops (False)."""
+        while not self.stopping.is_set():
+            row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s), hashtext(%s))",
+                               (PROJECTION_LOCK_CLASS, self.lock_key)).fetchone()
+            if row is not None and row[0]:
+                log.info("projection %s: lock taken, running", self.lock_key)
+                return True  # a standby stays `standing_by` (ready) until its runner runs
+            if not self.standing_by.is_set():
+                log.info("projection %s: another runner holds the lock, standing by", self.lock_key)
+                self.standing_by.set()
+                self.last_error = None
+            self.stopping.wait(self.standby_retry)
+        return False
 
     def run(self) -> None:
         pause = self.first_pause
         while not self.stopping.is_set():
             try:
-                with self.spec.runner(self.database_url) as runner:
-                    self._runner = runner
-                    self.running.set()
-                    self.last_error = None
-                    pause = self.first_pause
-                    while not self.stopping.is_set():
-                        runner.run_forever(timeout=0.5)
-                        if runner.is_interrupted.is_set():
-                            break
+                with psycopg.connect(self.database_url, autocommit=True,
+                                     fallback_application_name=f"tandem projection lock {self.lock_key}",
+                                     **_LOCK_CONNECTION) as lock:
+                    for statement in _LOCK_SESSION:
+                        lock.execute(statement)
+                    if not self._take_lock(lock):
+                        break
+                    # Built only now, holding the lock: the runner starts from the tracking
+                    # position the previous holder left.
+                    with self.spec.runner(self.database_url) as runner:
+                        self._runner = runner
+                        self.running.set()
+                        self.standing_by.clear()
+                        self.last_error = None
+                        pause = self.first_pause
+                        checked = time.monotonic()
+                        while not self.stopping.is_set():
+                            runner.run_forever(timeout=0.5)
+                            if runner.is_interrupted.is_set():
+                                break
+                            if time.monotonic() - checked >= self.lock_check_interval:
+                                lock.execute("SELECT 1")  # raises when the lock's session is gone
+                                checked = time.monotonic()
             except Exception as e:  # noqa: BLE001 - any failure restarts the runner
                 self.last_error = f"{type(e).__name__}: {e}"
                 level = logging.INFO if "does not exist" in str(e) else logging.WARNING
@@ -286,6 +420,7 @@ class ProjectionThread(threading.Thread):
                         self.spec.projection_class.name, self.spec.application_class.name, pause, e)
             finally:
                 self.running.clear()
+                self.standing_by.clear()
                 self._runner = None
             self.stopping.wait(pause)
             pause = min(pause * 2, self.max_pause)

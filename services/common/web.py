@@ -22,7 +22,8 @@ from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
 
-from services.common import database
+from services.common import audit_routes, database
+from services.common.asof import AsOfViews, Instant, instant_of, read_pool
 from services.common.auth import Principal, TokenVerifier
 from services.common.eventstore import CommandContext, TandemApplication, Written, new_correlation_id, run_command
 from services.common.idempotency import IdempotencyClaim, KeyReused, request_hash
@@ -128,6 +129,8 @@ def create_service_app(
         app.state.pool = await database.create_pool(
             settings.database_url, settings.schema_name, settings.database_pool_size
         )
+        app.state.as_of_views = AsOfViews(settings.database_url, projections, settings.schema_name)
+        await asyncio.to_thread(app.state.as_of_views.sweep)
         threads = [ProjectionThread(spec, settings.database_url) for spec in projections]
         if settings.run_projections:
             for t in threads:
@@ -141,6 +144,7 @@ def create_service_app(
             for t in threads:
                 if t.is_alive():
                     await asyncio.to_thread(t.join, 10)
+            await app.state.as_of_views.close()
             await app.state.pool.close()
             if application_class is not None:
                 await asyncio.to_thread(app.state.application.close)
@@ -153,6 +157,8 @@ def create_service_app(
     app.state.token_verifier = TokenVerifier(settings)
     install_problem_handlers(app, domain_errors)
     setup_telemetry(app, settings)
+    if application_class is not None:  # a service with a log of its own: the auditors' check of it
+        app.include_router(audit_routes.router)
 
     @app.get("/healthz", tags=["operations"], include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -169,9 +175,13 @@ def create_service_app(
             checks["database"] = f"unreachable: {type(e).__name__}"
             ok = False
         for t in request.app.state.projection_threads:
-            state = "running" if t.running.is_set() else f"not running ({t.last_error or 'starting'})"
-            checks[f"projection:{t.spec.projection_class.name}"] = state
-            ok = ok and (t.running.is_set() or not settings.run_projections)
+            # running (holds the projection's lock) or standing by (another replica holds it)
+            checks[f"projection:{t.lock_key}"] = t.state if settings.run_projections else "runs elsewhere"
+            ok = ok and (t.ready or not settings.run_projections)
+        lags_ok, lags = await projection_lags(request.app.state.pool, request.app.state.projection_threads,
+                                              settings.ready_max_lag_events)
+        checks.update(lags)
+        ok = ok and lags_ok
         for tracked in request.app.state.tracked_logs.values():
             try:
                 checks[f"position:{tracked.name}"] = await database.tracking_position(
@@ -184,8 +194,33 @@ def create_service_app(
     return app
 
 
+async def projection_lags(pool: asyncpg.Pool, threads: Sequence[ProjectionThread],
+                          max_lag: int) -> tuple[bool, dict[str, int]]:
+    """How many events each projection running in this process is behind its log's head
+    (`lag:<projection>`), and whether none is more than `max_lag` behind (readiness). A standby
+    has no lag of its own: the runner holding the lock has."""
+    ok, lags = True, {}
+    for t in threads:
+        if not t.running.is_set():
+            continue
+        try:
+            head = await database.log_head(pool, t.spec.events_table)
+            position = await database.tracking_position(pool, t.spec.tracking_table, t.spec.application_class.name)
+        except (OSError, asyncpg.PostgresError):
+            continue  # not there yet: the projection's state says so already
+        lags[f"lag:{t.lock_key}"] = max(head - position, 0)
+        ok = ok and lags[f"lag:{t.lock_key}"] <= max_lag
+    return ok, lags
+
+
 async def get_pool(request: Request) -> asyncpg.Pool:
     return request.app.state.pool
+
+
+async def get_as_of_pool(request: Request, instant: Annotated[Instant, Depends(instant_of)]) -> asyncpg.Pool:
+    """The read model a GET reads: the live one, or with `as_of`/`known_at` the one of that
+    instant (`services.common.asof`)."""
+    return await read_pool(request, instant)
 
 
 async def wait_for_read_model(

@@ -14,7 +14,7 @@ import asyncio
 import enum
 from datetime import UTC, date, datetime, time, timedelta
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 import asyncpg
@@ -27,7 +27,8 @@ from strawberry.fastapi import BaseContext
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import Info
 
-from services.common.auth import READERS, Principal, authenticate, require
+from services.common.asof import AsOfViews, Instant
+from services.common.auth import DATA_READERS, Principal, authenticate, require
 from services.common.problems import Problem
 from services.common.schemas import decode_cursor, encode_cursor
 from services.common.web import WAIT_HEADER, TrackedLog, create_service_app, wait_for_read_model
@@ -45,6 +46,10 @@ from services.gateway.domain import (
     share,
 )
 from services.gateway.domain import series as domain_series
+from services.gateway.history import DEFAULT_PAGE as HISTORY_PAGE
+from services.gateway.history import DESCRIPTION as HISTORY_DOC
+from services.gateway.history import HistoryConnection
+from services.gateway.history import history as history_page
 from services.gateway.limits import QueryCostLimiter
 from services.gateway.mutations import Mutation, MutationError, forwarding
 from services.gateway.projections import alignment_projections
@@ -62,13 +67,46 @@ class BadInput(ValueError):
 
 
 class Context(BaseContext):
-    def __init__(self, pool: asyncpg.Pool, principal: Principal | None):
+    def __init__(self, pool: asyncpg.Pool, principal: Principal | None, as_of_views: AsOfViews | None = None):
         super().__init__()
         self.principal = principal
         self.alignment = Alignment(pool)
+        self.as_of_views = as_of_views
+        self.views: dict[str, Alignment] = {}
+        """The read model of each root field asked `asOf`/`knownAt`, by its response key."""
+
+    async def view_at(self, info: Info[Context, None], as_of: datetime | None, known_at: datetime | None) -> Alignment:
+        """The root field's read model: live, or as of an instant (`services.common.asof`),
+        which everything below the field then reads too."""
+        if as_of is None and known_at is None:
+            return self.alignment
+        now = datetime.now(UTC)
+        for name, value in (("asOf", as_of), ("knownAt", known_at)):
+            if value is not None and (value.tzinfo is None or value > now):
+                raise BadInput(f"{name} must be a past instant with a time zone")
+        assert self.as_of_views is not None
+        instant = Instant(as_of, known_at)
+        alignment = Alignment(await self.as_of_views.pool(instant), now=instant.moment)
+        self.views[info.path.key] = alignment
+        return alignment
 
 
 GraphInfo = Info[Context, None]
+
+
+def view(info: GraphInfo) -> Alignment:
+    """The read model a field reads: the one its root field chose (live unless asOf/knownAt)."""
+    path = info.path
+    while path.prev is not None:
+        path = path.prev
+    return info.context.views.get(str(path.key), info.context.alignment)
+
+
+AS_OF = strawberry.argument(description="Read as things stood at this instant (valid time): check-ins, measurements "
+                                        "and moves count from the time they apply to, anything else from when it "
+                                        "was recorded. Everything below this field reads the same instant.")
+KNOWN_AT = strawberry.argument(description="Read only what had been recorded by this instant (recorded time); with "
+                                           "asOf, what was known then about that instant.")
 
 
 def _uuid(value: str, what: str) -> UUID:
@@ -239,14 +277,19 @@ class KeyResult:
     async def kpi(self, info: GraphInfo) -> KPI | None:
         if self.kpi_uuid is None:
             return None
-        loaded = await info.context.alignment.kpi(self.kpi_uuid)
+        loaded = await view(info).kpi(self.kpi_uuid)
         return None if loaded is None else KPI.of(loaded)
 
     @strawberry.field
     async def objective(self, info: GraphInfo) -> Objective | None:
-        alignment = info.context.alignment
+        alignment = view(info)
         oid = UUID(str(self.objective_id))
         return None if await alignment.objective(oid) is None else Objective.of(alignment, oid)
+
+    @strawberry.field(description=HISTORY_DOC)
+    async def history(self, info: GraphInfo, first: int = HISTORY_PAGE,
+                      after: str | None = None) -> HistoryConnection | None:
+        return await history_page(info, "goals", "key-results", self.uuid, first, after)
 
     @strawberry.field(description="Its check-ins and corrections, newest first.")
     async def check_ins(self, info: GraphInfo, first: int = DEFAULT_PAGE, after: str | None = None) -> CheckInConnection:
@@ -257,7 +300,7 @@ class KeyResult:
             if kr != str(self.uuid) or not version.isdigit() or int(version) > NEWEST:
                 raise BadInput("after is not a cursor of this key result's check-ins")
             before = int(version)
-        page = await info.context.alignment.check_in_pages.load((self.uuid, first, before))
+        page = await view(info).check_in_pages.load((self.uuid, first, before))
         edges = [CheckInEdge(cursor=_cursor("check-in", self.uuid, r["version"]), node=CheckIn.of(r))
                  for r in page.rows]
         return CheckInConnection(edges=edges, total_count=page.total, page_info=PageInfo(
@@ -310,24 +353,24 @@ class Objective:
 
     @strawberry.field
     def key_results(self, info: GraphInfo) -> list[KeyResult]:
-        return [KeyResult.of(kr) for kr in info.context.alignment.key_results[self.uuid]]
+        return [KeyResult.of(kr) for kr in view(info).key_results[self.uuid]]
 
     @strawberry.field(description="The objectives aligned to this one.")
     def children(self, info: GraphInfo) -> list[Objective]:
-        alignment = info.context.alignment
+        alignment = view(info)
         return [Objective.of(alignment, c) for c in alignment.aligned[self.uuid]]
 
     @strawberry.field(description="The objective this one aligns to.")
     async def parent(self, info: GraphInfo) -> Objective | None:
         if self.parent_id is None:
             return None
-        alignment = info.context.alignment
+        alignment = view(info)
         parent = await alignment.objective(UUID(self.parent_id))
         return None if parent is None else Objective.of(alignment, parent["id"])
 
     @strawberry.field(description="The objectives this one contributes to besides its parent, with the weights.")
     async def contributes_to(self, info: GraphInfo) -> list[Contribution]:
-        alignment = info.context.alignment
+        alignment = view(info)
         weights = alignment.contributes_to.get(self.uuid, {})
         targets = await asyncio.gather(*(alignment.objective(t) for t in weights))
         return [Contribution(objective=Objective.of(alignment, t["id"]), weight=weights[t["id"]])
@@ -335,7 +378,7 @@ class Objective:
 
     @strawberry.field(description="KPIs that must stay healthy while it is pursued, in the order named.")
     def guardrails(self, info: GraphInfo) -> list[Guardrail]:
-        alignment = info.context.alignment
+        alignment = view(info)
         out = []
         for kpi_id in alignment.guardrails.get(self.uuid, ()):
             kpi = alignment.kpis.get(kpi_id)
@@ -348,21 +391,26 @@ class Objective:
     def warnings(self, info: GraphInfo) -> list[CoachingWarning]:
         return [CoachingWarning(code=w.code, message=w.message, subject_kind=w.subject_kind,
                                 subject_id=strawberry.ID(str(w.subject_id)))
-                for w in info.context.alignment.warnings(self.uuid)]
+                for w in view(info).warnings(self.uuid)]
 
     @strawberry.field
     async def cycle(self, info: GraphInfo) -> Cycle | None:
-        return Cycle.of(await info.context.alignment.cycle(UUID(self.cycle_id)))
+        return Cycle.of(await view(info).cycle(UUID(self.cycle_id)))
 
     @strawberry.field
     async def unit(self, info: GraphInfo) -> Unit | None:
-        return Unit.of(await info.context.alignment.unit_row(UUID(self.unit_id)))
+        return Unit.of(await view(info).unit_row(UUID(self.unit_id)))
+
+    @strawberry.field(description=HISTORY_DOC)
+    async def history(self, info: GraphInfo, first: int = HISTORY_PAGE,
+                      after: str | None = None) -> HistoryConnection | None:
+        return await history_page(info, "goals", "objectives", self.uuid, first, after)
 
     @strawberry.field(description="The person who owns it (null when a unit owns it).")
     async def owner(self, info: GraphInfo) -> Person | None:
         if self.owner_kind != "person":
             return None
-        return Person.of(await info.context.alignment.person(UUID(self.owner_id)))
+        return Person.of(await view(info).person(UUID(self.owner_id)))
 
 
 @strawberry.type
@@ -478,13 +526,18 @@ class KPI:
     @strawberry.field(description="Count, mean, lowest, highest and last value per period that has measurements, "
                                   "oldest first.")
     async def series(self, info: GraphInfo, period: Period = Period.WEEK) -> list[SeriesPoint]:
-        points = await info.context.alignment.measurements.load(self.uuid)
+        points = await view(info).measurements.load(self.uuid)
         return [SeriesPoint(start=s.start, count=s.count, mean=s.mean, min=s.min, max=s.max, last=s.last)
                 for s in domain_series(points, period.value)]
 
+    @strawberry.field(description=HISTORY_DOC)
+    async def history(self, info: GraphInfo, first: int = HISTORY_PAGE,
+                      after: str | None = None) -> HistoryConnection | None:
+        return await history_page(info, "metrics", "kpis", self.uuid, first, after)
+
     @strawberry.field(description="Where the measurements' trend leads: give `days` or `cycle`, not both.")
     async def forecast(self, info: GraphInfo, days: int | None = None, cycle: strawberry.ID | None = None) -> Forecast:
-        alignment = info.context.alignment
+        alignment = view(info)
         as_of = alignment.now
         if days is not None and cycle is not None:
             raise BadInput("give days or cycle, not both")
@@ -539,17 +592,22 @@ class Person:
 
     @strawberry.field(description="The unit the person is in now.")
     async def unit(self, info: GraphInfo) -> Unit | None:
-        return Unit.of(await info.context.alignment.unit_row(self.unit_uuid))
+        return Unit.of(await view(info).unit_row(self.unit_uuid))
 
     @strawberry.field(description="The person's manager now.")
     async def manager(self, info: GraphInfo) -> Person | None:
         if self.manager_uuid is None:
             return None
-        return Person.of(await info.context.alignment.person(self.manager_uuid))
+        return Person.of(await view(info).person(self.manager_uuid))
+
+    @strawberry.field(description=HISTORY_DOC)
+    async def history(self, info: GraphInfo, first: int = HISTORY_PAGE,
+                      after: str | None = None) -> HistoryConnection | None:
+        return await history_page(info, "goals", "people", self.uuid, first, after)
 
     @strawberry.field(description="The objectives the person owns, optionally of one cycle only.")
     async def objectives(self, info: GraphInfo, cycle: strawberry.ID | None = None) -> list[Objective]:
-        alignment = info.context.alignment
+        alignment = view(info)
         cycle_id = _cycle_filter(cycle)
         return [Objective.of(alignment, o) for o in await alignment.owned_objectives(self.uuid)
                 if cycle_id is None or alignment.objectives[o]["cycle_id"] == cycle_id]
@@ -572,7 +630,7 @@ class Unit:
                    parent_id=_id(row["parent_id"]), uuid=row["id"], parent_uuid=row["parent_id"])
 
     async def _loaded(self, info: GraphInfo) -> Alignment:
-        alignment = info.context.alignment
+        alignment = view(info)
         await alignment.unit(self.uuid)
         return alignment
 
@@ -580,11 +638,11 @@ class Unit:
     async def parent(self, info: GraphInfo) -> Unit | None:
         if self.parent_uuid is None:
             return None
-        return Unit.of(await info.context.alignment.unit_row(self.parent_uuid))
+        return Unit.of(await view(info).unit_row(self.parent_uuid))
 
     @strawberry.field(description="The units above this one, the company first.")
     async def ancestors(self, info: GraphInfo) -> list[Unit]:
-        return [u for row in await info.context.alignment.ancestors(self.uuid) if (u := Unit.of(row))]
+        return [u for row in await view(info).ancestors(self.uuid) if (u := Unit.of(row))]
 
     @strawberry.field
     async def children(self, info: GraphInfo) -> list[Unit]:
@@ -632,6 +690,11 @@ class Unit:
         return ObjectiveConnection(edges=edges, total_count=len(rows), page_info=PageInfo(
             has_next_page=len(remaining) > first, end_cursor=edges[-1].cursor if edges else None))
 
+    @strawberry.field(description=HISTORY_DOC)
+    async def history(self, info: GraphInfo, first: int = HISTORY_PAGE,
+                      after: str | None = None) -> HistoryConnection | None:
+        return await history_page(info, "goals", "units", self.uuid, first, after)
+
     @strawberry.field
     async def kpis(self, info: GraphInfo) -> list[KPI]:
         alignment = await self._loaded(info)
@@ -666,7 +729,7 @@ class AlignmentNode:
     def children(self, info: GraphInfo) -> list[AlignmentNode]:
         if self.depth >= self.max_depth:
             return []
-        alignment = info.context.alignment
+        alignment = view(info)
         return [AlignmentNode.of(alignment, c, self.cycle_uuid, self.depth + 1, self.max_depth)
                 for c in alignment.children[self.unit.uuid]]
 
@@ -730,52 +793,68 @@ async def _health(alignment: Alignment, unit_id: UUID, cycle: UUID | None) -> He
 @strawberry.type
 class Query:
     @strawberry.field(description="The company: the root of the org tree (null before there is one).")
-    async def organization(self, info: GraphInfo) -> Unit | None:
-        return Unit.of(await info.context.alignment.organization())
+    async def organization(
+        self, info: GraphInfo, as_of: Annotated[datetime | None, AS_OF] = None,
+        known_at: Annotated[datetime | None, KNOWN_AT] = None,
+    ) -> Unit | None:
+        return Unit.of(await (await info.context.view_at(info, as_of, known_at)).organization())
 
     @strawberry.field
-    async def unit(self, info: GraphInfo, id: strawberry.ID) -> Unit | None:  # noqa: A002 - GraphQL's name
-        return Unit.of(await info.context.alignment.unit(_uuid(id, "id")))
+    async def unit(
+        self, info: GraphInfo, id: strawberry.ID,  # noqa: A002 - GraphQL's name
+        as_of: Annotated[datetime | None, AS_OF] = None, known_at: Annotated[datetime | None, KNOWN_AT] = None,
+    ) -> Unit | None:
+        return Unit.of(await (await info.context.view_at(info, as_of, known_at)).unit(_uuid(id, "id")))
 
     @strawberry.field(description="The cascade from a unit (the company when none is given) down `depth` levels "
                                   "(0-100), each unit with its objectives of the cycle and its score.")
     async def alignment(self, info: GraphInfo, unit: strawberry.ID | None = None, cycle: strawberry.ID | None = None,
-                        depth: int = 10) -> AlignmentNode | None:
+                        depth: int = 10, as_of: Annotated[datetime | None, AS_OF] = None,
+                        known_at: Annotated[datetime | None, KNOWN_AT] = None) -> AlignmentNode | None:
         if not 0 <= depth <= MAX_TREE_DEPTH:
             raise BadInput(f"depth must be from 0 to {MAX_TREE_DEPTH}")
         cycle_id = _cycle_filter(cycle)
-        alignment = info.context.alignment
+        alignment = await info.context.view_at(info, as_of, known_at)
         row = await alignment.organization() if unit is None else await alignment.unit(_uuid(unit, "unit"))
         return None if row is None else AlignmentNode.of(alignment, row["id"], cycle_id, 0, depth)
 
     @strawberry.field(description="How the unit's subtree runs its OKRs (see Health's fields); null for an unknown "
                                   "unit.")
     async def health(self, info: GraphInfo, unit: strawberry.ID, cycle: strawberry.ID | None = None) -> Health | None:
-        return await _health(info.context.alignment, _uuid(unit, "unit"), _cycle_filter(cycle))
+        return await _health(view(info), _uuid(unit, "unit"), _cycle_filter(cycle))
 
     @strawberry.field
-    async def objective(self, info: GraphInfo, id: strawberry.ID) -> Objective | None:  # noqa: A002
-        alignment = info.context.alignment
+    async def objective(
+        self, info: GraphInfo, id: strawberry.ID,  # noqa: A002
+        as_of: Annotated[datetime | None, AS_OF] = None, known_at: Annotated[datetime | None, KNOWN_AT] = None,
+    ) -> Objective | None:
+        alignment = await info.context.view_at(info, as_of, known_at)
         row = await alignment.objective(_uuid(id, "id"))
         return None if row is None else Objective.of(alignment, row["id"])
 
     @strawberry.field
-    async def key_result(self, info: GraphInfo, id: strawberry.ID) -> KeyResult | None:  # noqa: A002
-        kr = await info.context.alignment.key_result(_uuid(id, "id"))
+    async def key_result(
+        self, info: GraphInfo, id: strawberry.ID,  # noqa: A002
+        as_of: Annotated[datetime | None, AS_OF] = None, known_at: Annotated[datetime | None, KNOWN_AT] = None,
+    ) -> KeyResult | None:
+        kr = await (await info.context.view_at(info, as_of, known_at)).key_result(_uuid(id, "id"))
         return None if kr is None else KeyResult.of(kr)
 
     @strawberry.field
-    async def kpi(self, info: GraphInfo, id: strawberry.ID) -> KPI | None:  # noqa: A002
-        kpi = await info.context.alignment.kpi(_uuid(id, "id"))
+    async def kpi(
+        self, info: GraphInfo, id: strawberry.ID,  # noqa: A002
+        as_of: Annotated[datetime | None, AS_OF] = None, known_at: Annotated[datetime | None, KNOWN_AT] = None,
+    ) -> KPI | None:
+        kpi = await (await info.context.view_at(info, as_of, known_at)).kpi(_uuid(id, "id"))
         return None if kpi is None else KPI.of(kpi)
 
     @strawberry.field
     async def person(self, info: GraphInfo, id: strawberry.ID) -> Person | None:  # noqa: A002
-        return Person.of(await info.context.alignment.person(_uuid(id, "id")))
+        return Person.of(await view(info).person(_uuid(id, "id")))
 
     @strawberry.field(description="Every cycle, by start (a year before its first quarter).")
     async def cycles(self, info: GraphInfo) -> list[Cycle]:
-        return [c for row in await info.context.alignment.cycles() if (c := Cycle.of(row))]
+        return [c for row in await view(info).cycles() if (c := Cycle.of(row))]
 
 
 def _mask(error: GraphQLError) -> bool:
@@ -813,9 +892,9 @@ async def graphql_context(connection: HTTPConnection) -> Context:
     websocket authenticates on its connection_init instead (`GraphQLSocketRouter`)."""
     principal = None
     if connection.scope["type"] == "http" and connection.scope.get("method") != "GET":
-        principal = require(*READERS)(authenticate(connection))
+        principal = require(*DATA_READERS)(authenticate(connection))  # hr_sync: SCIM and the feeds only
         await wait_for_read_model(connection, connection.headers.get(WAIT_HEADER))
-    return Context(connection.app.state.pool, principal)
+    return Context(connection.app.state.pool, principal, connection.app.state.as_of_views)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:

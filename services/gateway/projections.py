@@ -104,7 +104,7 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
     def process_event(self, domain_event: ContractEvent, tracking: Tracking) -> None:
         handler = HANDLERS.get(domain_event.type)
         statements = handler(self, domain_event, domain_event.data) if handler else []
-        self.view.apply(tracking, [*statements, *announcements(domain_event)])
+        self.view.apply(tracking, [*statements, *(announcements(domain_event) if self.view.announces else [])])
 
     # goals ---------------------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ resource takes `If-Match` (its ETag, the aggregate's version); a write answers `
 with `ETag`, `Tandem-Position` and, where it creates something, `Location`; a read takes
 `Tandem-Wait-For` and answers the read model's version of the resource as its `ETag`; a list
 pages with `after` (the previous page's `nextCursor`). An id in the path that names nothing is
-404; an id in a body that names nothing, or a rule of the domain broken, is 422.
+404; an id in a body that names nothing, or a rule of the domain broken, is 422. Who may call a
+route is its role dependency (`Reader`, `Writer`, or services.goals.access's for what a member
+may write), which the contract documents per operation (`x-tandem-roles`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from pydantic.json_schema import SkipJsonSchema
 from starlette.concurrency import run_in_threadpool
 
 from services.common import database
-from services.common.auth import READERS, WRITERS, Principal, require
+from services.common.auth import DATA_READERS, READERS, Principal, require
 from services.common.eventstore import Written
+from services.common.history import add_history_route
 from services.common.problems import Problem
 from services.common.schemas import (
     ApiModel,
@@ -59,11 +62,13 @@ from services.common.web import (
     create_service_app,
     etag,
     execute_write,
+    get_as_of_pool,
     get_pool,
     if_match_version,
     parse_positions,
 )
-from services.goals import scim
+from services.goals import access, domain, scim
+from services.goals.access import KeyResultMover, KeyResultWriter, ObjectiveCreator, ObjectiveWriter
 from services.goals.application import Goals
 from services.goals.domain import (
     CoachingWarning,
@@ -79,6 +84,7 @@ from services.goals.domain import (
     lint_guardrails,
     lint_key_result,
     lint_objective,
+    objective_forecast,
     objective_score,
     weighted_mean,
 )
@@ -86,9 +92,15 @@ from services.goals.projections import GOALS_PROJECTIONS, KPI_HEALTH_SPEC, METRI
 from services.goals.settings import GoalsSettings
 
 LOG = "goals"
-Reader = Annotated[Principal, Depends(require(*READERS))]
-Writer = Annotated[Principal, Depends(require(*WRITERS))]
+Reader = Annotated[Principal, Depends(require(*DATA_READERS))]
+FeedReader = Annotated[Principal, Depends(require(*READERS))]
+"""The feeds (services.goals.feeds) are for every role, hr_sync's above all."""
+Writer = access.Operator
+"""Units, people, cycles and grades: admin and service. What a member may write takes the
+dependencies of services.goals.access (`ObjectiveCreator`, `ObjectiveWriter`, ...) instead."""
 Pool = Annotated[asyncpg.Pool, Depends(get_pool)]
+AsOfPool = Annotated[asyncpg.Pool, Depends(get_as_of_pool)]
+"""The live read model, or with `as_of`/`known_at` the one of that instant."""
 Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
 Version = Annotated[int, Path(ge=1, le=2**31, description="The key result's version at which the check-in was recorded.")]
 
@@ -413,6 +425,8 @@ class ObjectiveOut(ApiModel):
         description="Weighted mean over the key results (their weights) and the objectives aligned (weight 1) "
                     "or contributing (their weight) to this one, each with its own rolled-up score.")
     band: str | None = Field(description="The band of `score`: red, yellow or green.")
+    forecast_score: float | None = Field(
+        description="The projected end-of-cycle score: the key results' forecast scores, weighted as `score` is.")
     final_score: float | None = Field(description="The grade the cycle's close gave (or a regrade).")
     grade_reason: str | None
     graded: bool
@@ -605,7 +619,9 @@ async def _objectives(pool: asyncpg.Pool, rows: Sequence[asyncpg.Record]) -> lis
         score = objective_score(krs)
         out.append(ObjectiveOut.from_row(
             row, owner=Owner(kind=row["owner_kind"], id=row["owner_id"]), score=score,
-            rolled_up_score=rolled_up.get(row["id"]), band=band(score), contributions=contributions[row["id"]],
+            rolled_up_score=rolled_up.get(row["id"]), band=band(score),
+            forecast_score=objective_forecast((k.forecast.score, k.weight) for k in krs),
+            contributions=contributions[row["id"]],
             key_results=krs, guardrails=guardrails[row["id"]],
             guardrail_breached=any(g.breached for g in guardrails[row["id"]]),
             warnings=[_warning(w) for w in warnings]))
@@ -641,13 +657,14 @@ def _today(day: date | None) -> date:
 router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
 
 
-def _transition(resource: str, id_param: str, action: str, command: str, tag: str, doc: str) -> None:
+def _transition(resource: str, id_param: str, action: str, command: str, tag: str, doc: str,
+                writer: Any = Writer) -> None:
     """A state change of a resource: `POST /v1/{resource}/{id}/{action}`, 200 with the write's
     answer (If-Match and Idempotency-Key as every such write)."""
 
     async def endpoint(
         resource_id: UUID, request: Request, response: Response,
-        principal: Writer, if_match: IfMatch = None, idempotency_key: IdempotencyKey = None,
+        principal: Principal, if_match: IfMatch = None, idempotency_key: IdempotencyKey = None,
     ) -> WriteResult:
         return await execute_write(request, response, principal, LOG, getattr(_app(request), command),
                                    resource_id, expected_version=if_match_version(if_match), status=200,
@@ -656,6 +673,7 @@ def _transition(resource: str, id_param: str, action: str, command: str, tag: st
     # The path names its id after the resource; annotations are strings in this module, so the
     # alias is set on the evaluated annotation.
     endpoint.__annotations__["resource_id"] = Annotated[UUID, Path(alias=id_param)]
+    endpoint.__annotations__["principal"] = writer
     router.add_api_route(f"/{resource}/{{{id_param}}}/{action}", endpoint, methods=["POST"], name=command,
                          tags=[tag], description=doc, responses=WRITE_RESPONSES, response_model=WriteResult)
 
@@ -672,7 +690,7 @@ async def create_unit(body: UnitIn, request: Request, response: Response, princi
 
 
 @router.get("/units", tags=["org units"])
-async def list_units(pool: Pool, _: Reader, __: ReadYourWrites,
+async def list_units(pool: AsOfPool, _: Reader, __: ReadYourWrites,
                      parent: Annotated[UUID | None, Query(description="Only the units under this one.")] = None,
                      kind: UnitKind | None = None, limit: Limit = 100, after: Cursor = None) -> Page[Unit]:
     """Org units in the order they were created."""
@@ -682,7 +700,7 @@ async def list_units(pool: Pool, _: Reader, __: ReadYourWrites,
 
 
 @router.get("/units/{unit_id}", tags=["org units"])
-async def get_unit(unit_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites, response: Response) -> Unit:
+async def get_unit(unit_id: UUID, pool: AsOfPool, _: Reader, __: ReadYourWrites, response: Response) -> Unit:
     return Unit.from_row(await _one(pool, "units", unit_id, "org unit", response))
 
 
@@ -745,7 +763,7 @@ async def list_people(pool: Pool, _: Reader, __: ReadYourWrites,
 
 
 @router.get("/people/{person_id}", tags=["people"])
-async def get_person(person_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites, response: Response) -> PersonDetail:
+async def get_person(person_id: UUID, pool: AsOfPool, _: Reader, __: ReadYourWrites, response: Response) -> PersonDetail:
     """A person with every unit and manager they had, and the days of each."""
     row = await _one(pool, "people", person_id, "person", response)
     history = "SELECT * FROM {} WHERE person_id = $1 AND effective ORDER BY from_on, version"
@@ -837,9 +855,10 @@ async def close_cycle(cycle_id: UUID, request: Request, response: Response, prin
 # Objectives.
 
 @router.post("/objectives", status_code=201, tags=["objectives"], responses=WRITE_RESPONSES)
-async def create_objective(body: ObjectiveIn, request: Request, response: Response, principal: Writer,
+async def create_objective(body: ObjectiveIn, request: Request, response: Response, principal: ObjectiveCreator,
                            idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Create an objective (active, or a draft) in an open cycle, optionally aligned to a parent."""
+    await access.check_new_objective(request, principal, body.owner.kind, body.owner.id, body.unit_id)
     return await execute_write(request, response, principal, LOG,
                                partial(_app(request).create_objective, status=ObjectiveStatus(body.status)),
                                title=body.title, description=body.description, owner_kind=body.owner.kind,
@@ -850,7 +869,7 @@ async def create_objective(body: ObjectiveIn, request: Request, response: Respon
 
 @router.get("/objectives", tags=["objectives"])
 async def list_objectives(
-    pool: Pool, _: Reader, __: ReadYourWrites, ___: KPIHealthCaughtUp,
+    pool: AsOfPool, _: Reader, __: ReadYourWrites, ___: KPIHealthCaughtUp,
     cycle: Annotated[UUID | None, Query(description="Only this cycle's objectives.")] = None,
     unit: Annotated[UUID | None, Query(description="Only this unit's objectives.")] = None,
     owner: Annotated[UUID | None, Query(description="Only objectives of this owner.")] = None,
@@ -865,7 +884,7 @@ async def list_objectives(
 
 
 @router.get("/objectives/{objective_id}", tags=["objectives"])
-async def get_objective(objective_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites,
+async def get_objective(objective_id: UUID, pool: AsOfPool, _: Reader, __: ReadYourWrites,
                         ___: KPIHealthCaughtUp, response: Response) -> ObjectiveOut:
     """One objective with its key results (scores, forecasts), its score, rolled-up score, its
     guardrail KPIs with their health, and coaching warnings."""
@@ -874,7 +893,7 @@ async def get_objective(objective_id: UUID, pool: Pool, _: Reader, __: ReadYourW
 
 @router.patch("/objectives/{objective_id}", tags=["objectives"], responses=WRITE_RESPONSES)
 async def update_objective(objective_id: UUID, body: ObjectivePatch, request: Request, response: Response,
-                           principal: Writer, if_match: IfMatch = None) -> WriteResult:
+                           principal: ObjectiveWriter, if_match: IfMatch = None) -> WriteResult:
     """Change the title, description or owner of an open objective; fields left out stay."""
     changes = body.changes()
     owner = changes.pop("owner", None)
@@ -885,18 +904,18 @@ async def update_objective(objective_id: UUID, body: ObjectivePatch, request: Re
 
 
 _transition("objectives", "objective_id", "activate", "activate_objective", "objectives",
-            "Make a draft objective active.")
+            "Make a draft objective active.", ObjectiveWriter)
 _transition("objectives", "objective_id", "close", "close_objective", "objectives",
-            "Close an active objective early (done, or given up); grading comes when the cycle closes.")
+            "Close an active objective early (done, or given up); grading comes when the cycle closes.", ObjectiveWriter)
 _transition("objectives", "objective_id", "reopen", "reopen_objective", "objectives",
-            "Reopen an objective closed early, while its cycle is open and it is not graded.")
+            "Reopen an objective closed early, while its cycle is open and it is not graded.", ObjectiveWriter)
 _transition("objectives", "objective_id", "archive", "archive_objective", "objectives",
-            "Put the objective away: it is left out of grading, roll-ups and coaching.")
+            "Put the objective away: it is left out of grading, roll-ups and coaching.", ObjectiveWriter)
 
 
 @router.put("/objectives/{objective_id}/alignment", tags=["objectives"], responses=WRITE_RESPONSES)
 async def align_objective(objective_id: UUID, body: AlignmentIn, request: Request, response: Response,
-                          principal: Writer, if_match: IfMatch = None) -> WriteResult:
+                          principal: ObjectiveWriter, if_match: IfMatch = None) -> WriteResult:
     """Align the objective to a parent objective (or to none); alignment never forms a cycle."""
     return await execute_write(request, response, principal, LOG, _app(request).align_objective,
                                objective_id, body.parent_id, if_match_version(if_match), status=200)
@@ -905,7 +924,7 @@ async def align_objective(objective_id: UUID, body: AlignmentIn, request: Reques
 @router.put("/objectives/{objective_id}/contributions/{to_objective_id}", tags=["objectives"],
             responses=WRITE_RESPONSES)
 async def add_contribution(objective_id: UUID, to_objective_id: UUID, body: ContributionIn, request: Request,
-                           response: Response, principal: Writer, if_match: IfMatch = None) -> WriteResult:
+                           response: Response, principal: ObjectiveWriter, if_match: IfMatch = None) -> WriteResult:
     """Contribute to another objective besides the parent, with a weight (again: a new weight).
     Contributions and alignment together never form a cycle."""
     application = _app(request)
@@ -921,7 +940,7 @@ async def add_contribution(objective_id: UUID, to_objective_id: UUID, body: Cont
 @router.delete("/objectives/{objective_id}/contributions/{to_objective_id}", tags=["objectives"],
                responses=WRITE_RESPONSES)
 async def remove_contribution(objective_id: UUID, to_objective_id: UUID, request: Request, response: Response,
-                              principal: Writer, if_match: IfMatch = None) -> WriteResult:
+                              principal: ObjectiveWriter, if_match: IfMatch = None) -> WriteResult:
     application = _app(request)
 
     def remove() -> Written:
@@ -947,7 +966,7 @@ async def regrade_objective(objective_id: UUID, body: RegradeIn, request: Reques
 @router.post("/objectives/{objective_id}/carry-over", status_code=201, tags=["objectives"],
              responses=WRITE_RESPONSES)
 async def carry_over(objective_id: UUID, body: CarryOverIn, request: Request, response: Response,
-                     principal: Writer, if_match: IfMatch = None,
+                     principal: ObjectiveWriter, if_match: IfMatch = None,
                      idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Carry a graded objective into a later cycle with copies of its key results (baselines,
     targets, weights; no check-ins). Answers with the new objective; `If-Match` is the original's."""
@@ -962,7 +981,7 @@ async def carry_over(objective_id: UUID, body: CarryOverIn, request: Request, re
 
 
 @router.put("/objectives/{objective_id}/guardrails/{kpi_id}", tags=["objectives"], responses=WRITE_RESPONSES)
-async def add_guardrail(objective_id: UUID, kpi_id: UUID, request: Request, response: Response, principal: Writer,
+async def add_guardrail(objective_id: UUID, kpi_id: UUID, request: Request, response: Response, principal: ObjectiveWriter,
                         if_match: IfMatch = None, idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Name a KPI of the metrics service that must stay healthy while the objective is pursued
     (again: nothing new). The objective then shows the KPI's health, and a breach is a coaching
@@ -974,7 +993,7 @@ async def add_guardrail(objective_id: UUID, kpi_id: UUID, request: Request, resp
 
 @router.delete("/objectives/{objective_id}/guardrails/{kpi_id}", tags=["objectives"], responses=WRITE_RESPONSES)
 async def remove_guardrail(objective_id: UUID, kpi_id: UUID, request: Request, response: Response,
-                           principal: Writer, if_match: IfMatch = None) -> WriteResult:
+                           principal: ObjectiveWriter, if_match: IfMatch = None) -> WriteResult:
     application = _app(request)
 
     def remove() -> Written:
@@ -990,7 +1009,7 @@ async def remove_guardrail(objective_id: UUID, kpi_id: UUID, request: Request, r
 @router.post("/objectives/{objective_id}/key-results", status_code=201, tags=["key results"],
              responses=WRITE_RESPONSES)
 async def add_key_result(objective_id: UUID, body: KeyResultIn, request: Request, response: Response,
-                         principal: Writer, idempotency_key: IdempotencyKey = None) -> WriteResult:
+                         principal: ObjectiveWriter, idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Add a measurable key result to the objective (whose version moves too)."""
     return await execute_write(request, response, principal, LOG, _app(request).add_key_result,
                                objective_id=objective_id, title=body.title, kind=body.kind, start=body.start,
@@ -1001,7 +1020,7 @@ async def add_key_result(objective_id: UUID, body: KeyResultIn, request: Request
 
 
 @router.get("/key-results/{key_result_id}", tags=["key results"])
-async def get_key_result(key_result_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites,
+async def get_key_result(key_result_id: UUID, pool: AsOfPool, _: Reader, __: ReadYourWrites,
                          response: Response) -> KeyResultOut:
     """A key result with its current value, score, band and forecast."""
     return _key_result(await _one(pool, "key_results", key_result_id, "key result", response))
@@ -1009,7 +1028,7 @@ async def get_key_result(key_result_id: UUID, pool: Pool, _: Reader, __: ReadYou
 
 @router.patch("/key-results/{key_result_id}", tags=["key results"], responses=WRITE_RESPONSES)
 async def revise_key_result(key_result_id: UUID, body: KeyResultPatch, request: Request, response: Response,
-                            principal: Writer, if_match: IfMatch = None) -> WriteResult:
+                            principal: KeyResultWriter, if_match: IfMatch = None) -> WriteResult:
     """Revise what the key result measures, its title, weight or owner. Fields left out stay;
     `null` clears the owner or a bound the kind does not use."""
     changes = body.changes()
@@ -1021,15 +1040,16 @@ async def revise_key_result(key_result_id: UUID, body: KeyResultPatch, request: 
 
 @router.put("/key-results/{key_result_id}/objective", tags=["key results"], responses=WRITE_RESPONSES)
 async def move_key_result(key_result_id: UUID, body: KeyResultMoveIn, request: Request, response: Response,
-                          principal: Writer, if_match: IfMatch = None) -> WriteResult:
+                          principal: KeyResultMover, if_match: IfMatch = None) -> WriteResult:
     """Move the key result to another open objective of the same cycle."""
+    await access.check_objective(request, principal, body.objective_id, "the target objective")
     return await execute_write(request, response, principal, LOG, _app(request).move_key_result, key_result_id,
                                body.objective_id, expected_version=if_match_version(if_match), status=200)
 
 
 @router.put("/key-results/{key_result_id}/kpi", tags=["key results"], responses=WRITE_RESPONSES)
 async def bind_key_result(key_result_id: UUID, body: KPIBindingIn, request: Request, response: Response,
-                          principal: Writer, if_match: IfMatch = None,
+                          principal: KeyResultWriter, if_match: IfMatch = None,
                           idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Bind the key result (increase_to, decrease_to, stay_above, stay_below or stay_within) to
     a KPI of the metrics service: each measurement of the KPI from then on checks it in
@@ -1043,7 +1063,7 @@ async def bind_key_result(key_result_id: UUID, body: KPIBindingIn, request: Requ
 
 
 @router.delete("/key-results/{key_result_id}/kpi", tags=["key results"], responses=WRITE_RESPONSES)
-async def unbind_key_result(key_result_id: UUID, request: Request, response: Response, principal: Writer,
+async def unbind_key_result(key_result_id: UUID, request: Request, response: Response, principal: KeyResultWriter,
                             if_match: IfMatch = None) -> WriteResult:
     """Stop following the KPI; the check-ins it brought stay."""
     application = _app(request)
@@ -1059,7 +1079,7 @@ async def unbind_key_result(key_result_id: UUID, request: Request, response: Res
 @router.post("/key-results/{key_result_id}/check-ins", status_code=201, tags=["key results"],
              responses=WRITE_RESPONSES)
 async def check_in(key_result_id: UUID, body: CheckInIn, request: Request, response: Response,
-                   principal: Writer, if_match: IfMatch = None,
+                   principal: KeyResultWriter, if_match: IfMatch = None,
                    idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Record a value, a confidence (0-10) and a note; appends `KeyResultProgressed`."""
     return await execute_write(request, response, principal, LOG, _app(request).check_in, key_result_id,
@@ -1072,7 +1092,7 @@ async def check_in(key_result_id: UUID, body: CheckInIn, request: Request, respo
 @router.post("/key-results/{key_result_id}/check-ins/{version}/corrections", status_code=201,
              tags=["key results"], responses=WRITE_RESPONSES)
 async def correct_check_in(key_result_id: UUID, version: Version, body: CorrectionIn, request: Request,
-                           response: Response, principal: Writer, if_match: IfMatch = None,
+                           response: Response, principal: KeyResultWriter, if_match: IfMatch = None,
                            idempotency_key: IdempotencyKey = None) -> WriteResult:
     """Correct the check-in recorded at `version`: both stay in the history, and the key
     result's current value follows the correction."""
@@ -1113,6 +1133,22 @@ def _version_cursor(after: str | None) -> int | None:
     if not value.isdigit() or len(value) > 18:
         raise Problem(422, "Invalid request", "The cursor is not one this service gave out.", kind="bad-cursor")
     return int(value)
+
+
+# History (services.common.history): every event of an aggregate, for auditors.
+
+def _add_history_routes() -> None:
+    for resource, id_param, kind, what, tag in [
+        ("units", "unit_id", domain.OrgUnit, "org unit", "org units"),
+        ("people", "person_id", domain.Person, "person", "people"),
+        ("objectives", "objective_id", domain.Objective, "objective", "objectives"),
+        ("key-results", "key_result_id", domain.KeyResult, "key result", "key results"),
+    ]:
+        add_history_route(router, resource, id_param, kind, what, name=f"{id_param.removesuffix('_id')}_history",
+                          tags=[tag])
+
+
+_add_history_routes()
 
 
 # Coaching.

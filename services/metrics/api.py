@@ -21,8 +21,10 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import Field, model_validator
 
-from services.common.auth import READERS, WRITERS, Principal, Role, require
+from services.common.auth import DATA_READERS, OPERATORS, Principal, require
 from services.common.eventstore import CommandContext, Written, new_correlation_id, run_command
+from services.common.history import add_history_route
+from services.common.idempotency import request_hash
 from services.common.problems import Problem, problem_response
 from services.common.schemas import (
     ApiModel,
@@ -49,6 +51,7 @@ from services.common.web import (
     create_service_app,
     etag,
     execute_write,
+    get_as_of_pool,
     get_pool,
     if_match_version,
 )
@@ -81,9 +84,12 @@ MAX_HORIZON_DAYS = 3650
 # horizon arithmetic never leaves the calendar.
 EARLIEST = date(1900, 1, 1)
 LATEST = date(2999, 12, 31)
-Reader = Annotated[Principal, Depends(require(*READERS))]
-Writer = Annotated[Principal, Depends(require(*WRITERS))]
+Reader = Annotated[Principal, Depends(require(*DATA_READERS))]
+Writer = Annotated[Principal, Depends(require(*OPERATORS))]
+"""KPIs, rules, targets and measurements: admin and service (a member writes goals only)."""
 Pool = Annotated[asyncpg.Pool, Depends(get_pool)]
+AsOfPool = Annotated[asyncpg.Pool, Depends(get_as_of_pool)]
+"""The live read model, or with `as_of`/`known_at` the one of that instant."""
 
 
 # Request and response bodies --------------------------------------------------------------
@@ -282,7 +288,8 @@ class ForecastOut(ApiModel):
 KPI_SELECT = """
     SELECT k.*, COALESCE((
         SELECT t.target FROM kpi_targets t
-        WHERE t.kpi_id = k.id AND t.effective_from <= (now() AT TIME ZONE 'UTC')::date
+        WHERE t.kpi_id = k.id AND t.effective_from <= (COALESCE(
+            NULLIF(current_setting('tandem.as_of', true), '')::timestamptz, now()) AT TIME ZONE 'UTC')::date
         ORDER BY t.effective_from DESC, t.version DESC LIMIT 1), k.target) AS current_target
     FROM kpis k"""
 
@@ -362,7 +369,7 @@ async def define_kpi(body: KPIIn, request: Request, response: Response, principa
 
 @router.get("/kpis")
 async def list_kpis(
-    pool: Pool, _: Reader, __: ReadYourWrites,
+    pool: AsOfPool, _: Reader, __: ReadYourWrites,
     unit: Annotated[UUID | None, Query(description="Only this org unit's KPIs.")] = None,
     owner: Annotated[UUID | None, Query(description="Only KPIs of this owner.")] = None,
     state: Annotated[KPIState | None, Query(description="Only KPIs in this state (breached outranks stale, "
@@ -385,7 +392,7 @@ async def list_kpis(
 
 
 @router.get("/kpis/{kpi_id}")
-async def get_kpi(kpi_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites, response: Response) -> KPIOut:
+async def get_kpi(kpi_id: UUID, pool: AsOfPool, _: Reader, __: ReadYourWrites, response: Response) -> KPIOut:
     """One KPI: its current target and the target's history, its latest value, its state and
     each rule's state."""
     row = await pool.fetchrow(f"{KPI_SELECT} WHERE k.id = $1", kpi_id)
@@ -453,6 +460,14 @@ async def correct_measurement(kpi_id: UUID, measurement_id: UUID, body: Correcti
                                measurement_id, value=body.value, reason=body.reason,
                                expected_version=if_match_version(if_match),
                                location=f"/v1/kpis/{kpi_id}/measurements", idempotency_key=idempotency_key)
+
+
+def _add_history_route() -> None:
+    """`GET /v1/kpis/{kpi_id}/history` (services.common.history): every event of the KPI, for auditors."""
+    add_history_route(router, "kpis", "kpi_id", domain.KPI, "KPI", name="kpi_history")
+
+
+_add_history_route()
 
 
 @router.get("/kpis/{kpi_id}/measurements")
@@ -640,22 +655,64 @@ class StalenessCheckOut(ApiModel):
     position: int = Field(description="Log position of the last `KPIStale` appended (0: none).")
 
 
-Operator = Annotated[Principal, Depends(require(Role.admin, Role.service))]
+Operator = Writer
 
 
 @router.post("/staleness-checks", responses=WRITE_RESPONSES)
-async def check_staleness_now(request: Request, response: Response, _: Operator,
-                              __: ReadYourWrites) -> StalenessCheckOut:
+async def check_staleness_now(request: Request, response: Response, principal: Operator,
+                              __: ReadYourWrites, idempotency_key: IdempotencyKey = None) -> StalenessCheckOut:
     """Run the staleness check now rather than at the watch's next round (after restoring a
     backup, or to see a demo's overdue KPI at once). The aggregates decide, as in the watch: a
     KPI already stale for its current gap gets nothing new. Candidates come from the read model,
-    so `Tandem-Wait-For` makes the check see the latest measurements."""
+    so `Tandem-Wait-For` makes the check see the latest measurements.
+
+    Under an Idempotency-Key a retry gets the first answer again (`Idempotent-Replayed: true`).
+    A check writes one save per stale KPI, so its answer is kept by itself rather than with one
+    save's events; a twin racing the first appends nothing either way (the KPIs decide once per
+    gap) and answers as the first did."""
+    pool: asyncpg.Pool = request.app.state.pool
+    claim = None
+    if idempotency_key is not None:
+        claim = (principal.subject, idempotency_key, request_hash(request.method, request.url.path,
+                                                                  await request.body()))
+        await pool.execute(STALENESS_ANSWERS_DDL)
+        if (earlier := await _staleness_answer(pool, *claim)) is not None:
+            response.headers["Idempotent-Replayed"] = "true"
+            return _answered(response, earlier)
     watch: StalenessWatch = request.app.state.staleness_watch
     written = await watch.check()
-    position = max((w.position for w in written), default=0)
-    if position:
-        response.headers["Tandem-Position"] = f"{LOG}={position}"
-    return StalenessCheckOut(stale=[w.id for w in written], position=position)
+    answer = StalenessCheckOut(stale=[w.id for w in written], position=max((w.position for w in written), default=0))
+    if claim is not None:
+        stored = await pool.fetchval(
+            "INSERT INTO staleness_check_answers (subject, key, request_hash, answer) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT DO NOTHING RETURNING 1", *claim, answer.model_dump_json())
+        if stored is None:  # a twin answered first
+            return _answered(response, await _staleness_answer(pool, *claim))
+    return _answered(response, answer)
+
+
+STALENESS_ANSWERS_DDL = """CREATE TABLE IF NOT EXISTS staleness_check_answers (
+    subject text NOT NULL, key text NOT NULL, request_hash text NOT NULL, answer jsonb NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (subject, key))"""
+
+
+async def _staleness_answer(pool: asyncpg.Pool, subject: str, key: str, fingerprint: str) -> StalenessCheckOut | None:
+    row = await pool.fetchrow("SELECT request_hash, answer FROM staleness_check_answers WHERE subject = $1 AND key = $2",
+                              subject, key)
+    if row is None:
+        return None
+    if row["request_hash"] != fingerprint:
+        raise Problem(422, "Idempotency-Key reused",
+                      "This Idempotency-Key was used for a different request; use a new key.",
+                      kind="idempotency-key-reused")
+    return StalenessCheckOut.model_validate_json(row["answer"])
+
+
+def _answered(response: Response, answer: StalenessCheckOut | None) -> StalenessCheckOut:
+    assert answer is not None
+    if answer.position:
+        response.headers["Tandem-Position"] = f"{LOG}={answer.position}"
+    return answer
 
 
 def create_app(settings: MetricsSettings | None = None) -> FastAPI:
