@@ -1,14 +1,15 @@
-"""Entry point: `python -m services.gateway.main` serves GraphQL on the gateway's port."""
+"""Entry point: `python -m services.gateway.main` serves GraphQL on the gateway's port, with the
+alignment projection's runners; `--projections-only` runs the runners alone
+(`services.common.runner`)."""
 
-import uvicorn
-
+from services.common.runner import serve
 from services.gateway.api import create_app
+from services.gateway.projections import alignment_projections
 from services.gateway.settings import GatewaySettings
 
 
 def main() -> None:
-    settings = GatewaySettings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    serve(GatewaySettings, create_app, lambda settings: alignment_projections(settings.schema_name))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
-"""Entry point: `python -m services.metrics.main` serves the metrics API on its port."""
+"""Entry point: `python -m services.metrics.main` serves the metrics API on its port, with its
+projection runner; `--projections-only` runs the runner alone (`services.common.runner`)."""
 
-import uvicorn
-
+from services.common.runner import serve
 from services.metrics.api import create_app
+from services.metrics.projections import METRICS_PROJECTIONS
 from services.metrics.settings import MetricsSettings
 
 
 def main() -> None:
-    settings = MetricsSettings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    serve(MetricsSettings, create_app, lambda settings: METRICS_PROJECTIONS)
 
 
 if __name__ == "__main__":
