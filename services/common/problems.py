@@ -1,8 +1,9 @@
 """RFC 9457 problem details for every REST error.
 
 Handlers here turn validation errors, the write side's concurrency errors and the domain's
-rule violations into `application/problem+json` answers with a 4xx, and anything unexpected into
-a 500 that says nothing about the internals.
+rule violations into `application/problem+json` answers with a 4xx, the database being out of
+reach into a 503 with Retry-After, and anything unexpected into a 500 that says nothing about
+the internals.
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import asyncpg
+import psycopg
+from eventsourcing import persistence
 from eventsourcing.application import AggregateNotFoundError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -57,6 +62,31 @@ class Problem(Exception):
         self.kind = kind
         self.headers = headers or {}
         self.extensions = extensions
+
+
+RETRY_AFTER_SECONDS = 2
+
+_UNREACHABLE = (
+    ConnectionError, TimeoutError,  # refused, reset, timed out
+    asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+    psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout,
+    persistence.OperationalError, persistence.InterfaceError,
+)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether an error (or what caused it) is the database being down or restarting rather
+    than a bug: the request changed nothing, and the client may retry (503, Retry-After). A
+    write that was committed before the connection broke is not lost: its retry finds it (the
+    Idempotency-Key, or the aggregate's version)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, _UNREACHABLE):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
 
 
 ErrorRenderer = Callable[..., JSONResponse]
@@ -193,6 +223,11 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if database_unreachable(exc):
+            log.warning("database unreachable on %s %s: %s", request.method, request.url.path, exc)
+            return problem_response(request, 503, "Service Unavailable",
+                                    "The database cannot be reached just now; nothing was changed. Retry shortly.",
+                                    kind="database-unavailable", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(request, 500, "Internal Server Error",
                                 "The error was logged; the request may be retried.")

@@ -24,15 +24,16 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, ClassVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, ProcessingEvent
-from eventsourcing.domain import MutableOrImmutableAggregate
+from eventsourcing.domain import Aggregate, MutableOrImmutableAggregate
 from eventsourcing.persistence import IntegrityError, Tracking
 from eventsourcing.projection import EventSourcedProjection
 
 from services.common.eventstore import (
+    SNAPSHOT_EVERY,
     CommandContext,
     TandemApplication,
     Written,
@@ -80,6 +81,8 @@ class Goals(TandemApplication):
     """The goals service's write side. Its log is the table `goals.goals_events`."""
 
     name = "Goals"
+    # Check-ins make key results the long histories: loaded from a snapshot at most 100 events back.
+    snapshotting_intervals: ClassVar[dict[type[Aggregate], int]] = {KeyResult: SNAPSHOT_EVERY, Objective: SNAPSHOT_EVERY}
 
     def _load(self, cls: type, aggregate_id: UUID):  # noqa: ANN202
         """The aggregate a path names; AggregateNotFoundError (404) if it is not one of `cls`."""
@@ -924,6 +927,7 @@ class KPIProgress(EventSourcedProjection[UUID], TandemApplication):
     """
 
     name = "Goals"
+    snapshotting_intervals: ClassVar[dict[type[Aggregate], int]] = {KeyResult: SNAPSHOT_EVERY}
 
     def __init__(self, env: Any = None) -> None:
         super().__init__(env)
