@@ -160,6 +160,8 @@ def load(goals_url: str, metrics_url: str, token: str) -> dict[str, int]:
     d.key_result(o_tier1, "Keep first-contact resolution between 70% and 85%", [(68, 5, "Just under the band")],
                  kind="stay_within", low=70, high=85, unit="%")
     d.key_result(o_tier1, "Publish the new troubleshooting guide", [(1, 9, "Published")], kind="done")
+    d.key_result(o_tier1, "Keep the customer effort score above 4 of 5", [(4.3, 8, "Post-contact survey")],
+                 kind="stay_above", target=4, unit="points")
 
     o_people = d.objective("Improve employee engagement", people, cycle, company)
     d.key_result(o_people, "Increase eNPS from 45 to 65", [(52, 5, "Pulse survey")],

@@ -134,3 +134,11 @@ async def test_forecast_follows_the_check_in_trend(goals: httpx.AsyncClient) -> 
     assert k["forecast"] == {"value": pytest.approx(70), "score": pytest.approx(0.7)}
     o = await read(goals, f"/v1/objectives/{ids['objective']}", last)
     assert o["keyResults"][0]["forecast"] == k["forecast"] and o["keyResults"][0]["band"] == "red"
+    assert o["forecastScore"] == pytest.approx(0.7)
+    # A second key result weighing 3, one check-in (no trend: its latest value, 5 of 10), and one
+    # without check-ins (no forecast, left out): the objective's forecast weighs them as its score.
+    other = await key_result(goals, ids["objective"], start=0, target=10, weight=3)
+    await key_result(goals, ids["objective"], start=0, target=10)
+    last = await post(goals, f"/v1/key-results/{other['id']}/check-ins", {"value": 5, "validOn": "2026-11-11"})
+    o = await read(goals, f"/v1/objectives/{ids['objective']}", last)
+    assert o["forecastScore"] == pytest.approx((0.7 + 0.5 * 3) / 4)

@@ -311,6 +311,37 @@ async def test_each_measurement_moves_the_key_result_once_across_restarts(
     assert causes == [f"metrics:{n}" for n in metrics_position(database_url, kpi["id"], "KPI.Measured")]
 
 
+async def test_each_measurement_moves_the_key_result_once_across_restarts_of_metrics(
+        goals: httpx.AsyncClient, auth: Callable[..., dict[str, str]], database_url: str) -> None:
+    """The other side: metrics stopped and started again several times while goals follows its
+    log, each instance taking new measurements and a resend of the last one (same time and
+    source: stored once); in the end each measurement was checked in exactly once."""
+    headers = auth("admin", "ada")
+    ids = await seed(goals)
+    positions: list[int] = []
+    times: list[datetime] = []
+    kpi: dict[str, Any] = {}
+    for round_ in range(3):
+        async with serve(create_metrics(MetricsSettings(run_staleness_watch=False)), headers) as metrics:
+            if not kpi:
+                kpi = await define_kpi(metrics.client, name="Restarted")
+                await bind(goals, ids["kr"], kpi["id"])
+            if times:  # the last measurement again, as a client retrying after the restart would
+                again = await measure(metrics.client, kpi["id"], (len(times) - 1) % 100, times[-1])
+                assert again["position"] <= positions[-1]
+            for _ in range(10):
+                times.append(YESTERDAY + timedelta(minutes=len(times)))
+                written = await measure(metrics.client, kpi["id"], (len(times) - 1) % 100, times[-1])
+                positions.append(written["position"])
+            await read(goals, f"/v1/key-results/{ids['kr']}", f"metrics={positions[-1]}")
+        assert round_ < 2 or len(positions) == 30
+    kr = await read(goals, f"/v1/key-results/{ids['kr']}", f"metrics={positions[-1]}")
+    assert kr["checkInCount"] == len(positions) == len(set(positions))
+    carried = [uuid_of(state["measurement_id"])
+               for _, state in stored_events(database_url, ids["kr"], "KeyResult.Progressed")]
+    assert len(carried) == len(set(carried)) == len(metrics_position(database_url, kpi["id"], "KPI.Measured"))
+
+
 async def test_goals_starts_before_the_metrics_log_exists(auth: Callable[..., dict[str, str]]) -> None:
     """On a database of its own: the policy's runner retries until the metrics log's table is
     there, and then catches up."""

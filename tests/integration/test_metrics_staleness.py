@@ -156,3 +156,18 @@ async def test_an_operator_can_run_the_check_now(service: Service, auth: Callabl
     assert kpi not in again.json()["stale"]  # once per gap
     member = await service.client.post("/v1/staleness-checks", headers=auth("member", "bob"))
     assert member.status_code == 403
+
+
+async def test_a_check_retried_with_its_idempotency_key_gets_the_first_answer(service: Service,
+                                                                             database_url: str) -> None:
+    kpi, position = await define(service.client, "daily", NOW - timedelta(days=3))
+    keyed = {"Idempotency-Key": f"check-{kpi}", "Tandem-Wait-For": f"metrics={position}"}
+    first = await service.client.post("/v1/staleness-checks", headers=keyed)
+    assert first.status_code == 200 and kpi in first.json()["stale"], first.text
+    retry = await service.client.post("/v1/staleness-checks", headers=keyed)
+    assert (retry.status_code, retry.json()) == (200, first.json())
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert retry.headers["Tandem-Position"] == first.headers["Tandem-Position"]
+    assert (await types(database_url, kpi)).count("KPIStale") == 1
+    other = await service.client.post("/v1/staleness-checks", headers=keyed, json={"another": "request"})
+    assert other.status_code == 422 and other.json()["title"] == "Idempotency-Key reused"
