@@ -43,7 +43,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import Bas
 from strawberry.types import Info
 from strawberry.types.unset import UnsetType
 
-from services.common.auth import READERS, Principal, TokenVerifier
+from services.common.auth import DATA_READERS, Principal, TokenVerifier
 from services.common.database import check_identifier
 from services.common.problems import Problem
 from services.common.projections import ContractEvent, Statement
@@ -516,7 +516,7 @@ def websocket_principal(verifier: TokenVerifier, params: object) -> Principal:
         principal = verifier.verify(token)
     except Problem as e:
         raise ConnectionRejectionError({"message": e.detail}) from None
-    if not principal.has_any(READERS):
+    if not principal.has_any(DATA_READERS):
         raise ConnectionRejectionError({"message": "This token's role may not read."})
     return principal
 

@@ -39,13 +39,13 @@ from services.goals import domain
 from services.goals.api import (
     CheckInOut,
     CycleOut,
+    FeedReader,
     KeyResultOut,
     KPIHealthCaughtUp,
     Limit,
     ObjectiveOut,
     PersonOut,
     Pool,
-    Reader,
     Where,
     _keyset_page,
     _not_found,
@@ -251,7 +251,7 @@ TypesFilter = Annotated[str, Query(pattern=TYPES_PATTERN, description=(
 
 
 @router.get("/changes", tags=["changes"])
-async def changes(pool: Pool, _: Reader, response: Response, after: Cursor = None, limit: ChangesLimit = 100,
+async def changes(pool: Pool, _: FeedReader, response: Response, after: Cursor = None, limit: ChangesLimit = 100,
                   types: TypesFilter = None) -> ChangesPage:
     """The domain events of the goals and metrics logs, oldest first, for a system to poll.
 
@@ -287,7 +287,7 @@ class PersonGoalsOut(ApiModel):
 
 @router.get("/people/{person_id}/goals", tags=["people"])
 async def person_goals(
-    person_id: UUID, pool: Pool, _: Reader, __: ReadYourWrites, ___: KPIHealthCaughtUp,
+    person_id: UUID, pool: Pool, _: FeedReader, __: ReadYourWrites, ___: KPIHealthCaughtUp,
     cycle: Annotated[UUID | None, Query(description="Only this cycle's objectives.")] = None,
     limit: Limit = 50, after: Cursor = None,
 ) -> PersonGoalsOut:
