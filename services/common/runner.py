@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def create_runner_app(settings: ServiceSettings, projections: Sequence[ProjectionSpec]) -> FastAPI:
     """An app that runs the service's projection runners and answers only `/healthz` and
     `/readyz`: ready while the database answers and every runner either holds its projection's
-    lock or stands by for it."""
+    lock (and is no more than `ready_max_lag_events` behind its log) or stands by for it."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,6 +89,13 @@ def create_runner_app(settings: ServiceSettings, projections: Sequence[Projectio
                     pool, t.spec.tracking_table, t.spec.application_class.name)
             except (OSError, asyncpg.PostgresError):
                 checks[f"position:{t.lock_key}"] = None
+        # Imported here: services.common.web imports what a whole service needs, this app none of it.
+        from services.common.web import projection_lags
+
+        caught_up, lags = await projection_lags(pool, request.app.state.projection_threads,
+                                                settings.ready_max_lag_events)
+        checks.update(lags)
+        ok = ok and caught_up
         return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
                             status_code=200 if ok else 503)
 
