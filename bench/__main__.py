@@ -1,12 +1,17 @@
 """`make bench`: build a large organisation through the REST APIs of a real stack, then time
-the whole-organisation alignment query against a hand-written SQL baseline.
+the whole-organisation alignment query against a hand-written SQL baseline; and rebuild every
+read model from generated logs of 100k and 1M events, timed against a raw read of the same
+stored events (`bench.rebuild`).
 
     python -m bench [--scale 0.05] [--concurrency 24] [--repetitions 20] [--warmup 2] [--keep]
+                    [--only alignment|rebuild] [--rebuild-sizes 100000,1000000] [--profile]
 
-The stack runs on a database of its own, created on DATABASE_URL's server when it is set, else
+The alignment benchmark's stack runs on a database of its own, created on DATABASE_URL's server when it is set, else
 on the embedded PostgreSQL that `make run` uses (started, and stopped afterwards, if it was not
 running); the database is dropped at the end unless `--keep`. The services run on free ports,
-with their logs in `.data/logs-bench/`, so a `make run` beside it is not disturbed.
+with their logs in `.data/logs-bench/`, so a `make run` beside it is not disturbed. The rebuild
+benchmark needs no services: each size gets a database of its own on the same server (dropped
+at the end unless `--keep`), and its figures are added to `bench/results/<date>.json`.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import socket
 import sys
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -27,6 +34,8 @@ import psycopg
 
 from bench.alignment import Timing, gateway_statements, time_baseline, time_gateway
 from bench.org import Builder, Org, Shape
+from bench.rebuild import measure_size, write_results
+from bench.rebuild import report as rebuild_report
 from services.common import devdb
 from services.common.auth import dev_secret, mint_token
 from services.common.settings import DATA_DIR
@@ -119,8 +128,52 @@ async def bench(args: argparse.Namespace, stack: Stack, database_url: str, token
     report(shape, org, catch_up, gateway, baseline)
 
 
+SECTIONS = ("alignment", "rebuild")
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def run_alignment(args: argparse.Namespace, server_url: str) -> None:
+    with bench_database(server_url, args.keep) as database_url:
+        stack = Stack(database_url, gateway_port=free_port(), goals_port=free_port(),
+                      metrics_port=free_port(), log_dir=DATA_DIR / "logs-bench",
+                      extra_env={"TANDEM_TELEMETRY_EXPORTER": "none"})
+        print("Starting goals, metrics and gateway (telemetry export off) ...", flush=True)
+        stack.start()
+        try:
+            token = mint_token(secret=os.environ.get("TANDEM_JWT_SECRET") or dev_secret(),
+                               role="admin", subject="bench")
+            asyncio.run(bench(args, stack, database_url, token))
+        finally:
+            stack.stop()
+
+
+def run_rebuild(args: argparse.Namespace, server_url: str, argv: list[str]) -> None:
+    results = []
+    for n, size in enumerate(args.rebuild_sizes):
+        with bench_database(server_url, args.keep) as database_url:
+            result = measure_size(database_url, size, raw_runs=args.raw_runs, batch_size=args.rebuild_batch_size,
+                                  profile=args.profile and n == 0, out=sys.stdout)
+        results.append(result)
+        if result.profile:
+            print(f"\ncProfile of the rebuilds at {result.events:,} events:\n{result.profile}", flush=True)
+    rebuild_report(results)
+    command = "python -m bench " + shlex.join(argv)
+    path = write_results(results, command.strip(), Path(args.results_dir))
+    print(f"Results added to {path}.")
+
+
+def _sizes(text: str) -> list[int]:
+    sizes = [int(float(s)) for s in text.replace("_", "").split(",") if s.strip()]
+    if not sizes or min(sizes) < 100:
+        raise argparse.ArgumentTypeError("sizes are event counts of at least 100, separated by commas")
+    return sorted(sizes)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=SECTIONS, action="append",
+                        help="run only this benchmark (again for more); default: all of them")
     parser.add_argument("--scale", type=float, default=float(os.environ.get("TANDEM_BENCH_SCALE", "1")),
                         help="the organisation's size, 1 for the full one (TANDEM_BENCH_SCALE)")
     parser.add_argument("--concurrency", type=int, default=24, help="requests in flight while building")
@@ -128,25 +181,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each query first")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark's database")
     parser.add_argument("--pg-port", type=int, default=int(os.environ.get("TANDEM_PG_PORT", DEFAULT_PG_PORT)))
+    parser.add_argument("--rebuild-sizes", type=_sizes, default=_sizes("100000,1000000"),
+                        help="rebuild benchmark: events in each generated log (default 100000,1000000)")
+    parser.add_argument("--rebuild-batch-size", type=int, default=1000, help="events per replay transaction")
+    parser.add_argument("--raw-runs", type=int, default=3, help="timed raw reads of each log (the median counts)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the rebuilds of the smallest size")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the dated JSON results go")
     args = parser.parse_args(argv)
     if args.scale <= 0 or args.concurrency < 1 or args.repetitions < 1 or args.warmup < 0:
         parser.error("scale must be positive, concurrency and repetitions at least 1, warmup at least 0")
 
+    if args.rebuild_batch_size < 1 or args.raw_runs < 1:
+        parser.error("rebuild batch size and raw runs must be at least 1")
+    sections = args.only or list(SECTIONS)
+
     pg_dir = DATA_DIR / "postgres"
     server_url, started_db = resolve_database(pg_dir, args.pg_port)
     try:
-        with bench_database(server_url, args.keep) as database_url:
-            stack = Stack(database_url, gateway_port=free_port(), goals_port=free_port(),
-                          metrics_port=free_port(), log_dir=DATA_DIR / "logs-bench",
-                          extra_env={"TANDEM_TELEMETRY_EXPORTER": "none"})
-            print("Starting goals, metrics and gateway (telemetry export off) ...", flush=True)
-            stack.start()
-            try:
-                token = mint_token(secret=os.environ.get("TANDEM_JWT_SECRET") or dev_secret(),
-                                   role="admin", subject="bench")
-                asyncio.run(bench(args, stack, database_url, token))
-            finally:
-                stack.stop()
+        if "alignment" in sections:
+            run_alignment(args, server_url)
+        if "rebuild" in sections:
+            run_rebuild(args, server_url, argv)
     finally:
         if started_db:
             devdb.stop(pg_dir)
