@@ -32,8 +32,9 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m services.stack test -- $(PYTEST_ARGS)
 
-# A benchmark, never a test: a large organisation on a real stack, then the alignment query
-# timed against a SQL baseline. BENCH_ARGS="--scale 0.05" for a small one.
+# Benchmarks, never tests, each figure beside a raw baseline from the same run (bench/README.md):
+# the alignment query against hand-written SQL, read-model rebuilds against a raw read of the
+# log. BENCH_ARGS="--only alignment --scale 0.05" or "--only rebuild --rebuild-sizes 20000" for small ones.
 bench: $(VENV)/.installed
 	$(PY) -m bench $(BENCH_ARGS)
 
