@@ -29,7 +29,7 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, ProcessingEvent
 from eventsourcing.domain import Aggregate, MutableOrImmutableAggregate
-from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.persistence import IntegrityError, JSONTranscoder, Tracking
 from eventsourcing.projection import EventSourcedProjection
 
 from services.common.eventstore import (
@@ -70,6 +70,7 @@ from services.goals.domain import (
     objective_score,
     user_name_key,
 )
+from services.goals.snapshots import register_goals_state
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ class Goals(TandemApplication):
     name = "Goals"
     # Check-ins make key results the long histories: loaded from a snapshot at most 100 events back.
     snapshotting_intervals: ClassVar[dict[type[Aggregate], int]] = {KeyResult: SNAPSHOT_EVERY, Objective: SNAPSHOT_EVERY}
+
+    def register_snapshot_transcodings(self, transcoder: JSONTranscoder) -> None:
+        """The snapshot store's transcodings, and one for each type in a key result's or an
+        objective's state they lack (`services.goals.snapshots`); events keep the application's."""
+        super().register_snapshot_transcodings(transcoder)
+        register_goals_state(transcoder)
 
     def _load(self, cls: type, aggregate_id: UUID):  # noqa: ANN202
         """The aggregate a path names; AggregateNotFoundError (404) if it is not one of `cls`."""
@@ -928,6 +935,11 @@ class KPIProgress(EventSourcedProjection[UUID], TandemApplication):
 
     name = "Goals"
     snapshotting_intervals: ClassVar[dict[type[Aggregate], int]] = {KeyResult: SNAPSHOT_EVERY}
+
+    def register_snapshot_transcodings(self, transcoder: JSONTranscoder) -> None:
+        """As `Goals` does: the two write key result snapshots into the same table."""
+        super().register_snapshot_transcodings(transcoder)
+        register_goals_state(transcoder)
 
     def __init__(self, env: Any = None) -> None:
         super().__init__(env)

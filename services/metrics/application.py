@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import JSONTranscoder
 
-from services.common.eventstore import TandemApplication, Written, retry_on_conflict
+from services.common.eventstore import SNAPSHOT_EVERY, TandemApplication, Written, retry_on_conflict
 from services.metrics.domain import (
     DEFAULT_STALENESS_GRACE,
     KPI,
@@ -25,6 +27,7 @@ from services.metrics.domain import (
     MeasurementIn,
     ThresholdRule,
 )
+from services.metrics.snapshots import register_kpi_state
 
 GRACE_ENV = "TANDEM_STALENESS_GRACE_SECONDS"
 
@@ -33,6 +36,8 @@ class Metrics(TandemApplication):
     """The metrics service's write side. Its log is the table `metrics.metrics_events`."""
 
     name = "Metrics"
+    # Bulk loads make KPIs the long histories: loaded from a snapshot at most 100 events back.
+    snapshotting_intervals: ClassVar[dict[type[Aggregate], int]] = {KPI: SNAPSHOT_EVERY}
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         super().__init__(env)
@@ -40,6 +45,12 @@ class Metrics(TandemApplication):
         self.staleness_grace = timedelta(seconds=float(grace)) if grace else DEFAULT_STALENESS_GRACE
         """How long past its cadence a KPI may go unmeasured before it is stale (the API sets
         it from `MetricsSettings.staleness_grace_seconds`)."""
+
+    def register_snapshot_transcodings(self, transcoder: JSONTranscoder) -> None:
+        """The snapshot store's transcodings (`services.common.snapshots`), and one for each type
+        in a KPI's state they lack (`services.metrics.snapshots`); events keep the application's."""
+        super().register_snapshot_transcodings(transcoder)
+        register_kpi_state(transcoder)
 
     def define_kpi(
         self,
