@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from services.common import database
-from services.common.projections import ProjectionSpec, ProjectionThread
+from services.common.projections import ProjectionSpec, start_runners, stop_runners
 from services.common.settings import ServiceSettings
 from services.common.telemetry import logging_config, setup_telemetry, shutdown_telemetry
 
@@ -46,18 +46,12 @@ def create_runner_app(settings: ServiceSettings, projections: Sequence[Projectio
         for spec in projections:
             await asyncio.to_thread(spec.create_tables, settings.database_url)
         app.state.pool = await database.create_pool(settings.database_url, settings.schema_name, 2)
-        threads = [ProjectionThread(spec, settings.database_url) for spec in projections]
-        for t in threads:
-            t.start()
+        threads = start_runners(projections, settings.database_url)
         app.state.projection_threads = threads
         try:
             yield
         finally:
-            for t in threads:
-                t.stop()
-            for t in threads:
-                if t.is_alive():
-                    await asyncio.to_thread(t.join, 10)
+            await stop_runners(threads)
             await app.state.pool.close()
             shutdown_telemetry(app)
 

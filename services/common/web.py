@@ -28,7 +28,7 @@ from services.common.auth import Principal, TokenVerifier
 from services.common.eventstore import CommandContext, TandemApplication, Written, new_correlation_id, run_command
 from services.common.idempotency import IdempotencyClaim, KeyReused, request_hash
 from services.common.problems import Problem, ProblemDetail, install_problem_handlers
-from services.common.projections import ProjectionSpec, ProjectionThread
+from services.common.projections import ProjectionSpec, ProjectionThread, start_runners, stop_runners
 from services.common.schemas import WriteResult
 from services.common.settings import ServiceSettings
 from services.common.telemetry import current_trace_id, setup_telemetry, shutdown_telemetry
@@ -131,19 +131,12 @@ def create_service_app(
         )
         app.state.as_of_views = AsOfViews(settings.database_url, projections, settings.schema_name)
         await asyncio.to_thread(app.state.as_of_views.sweep)
-        threads = [ProjectionThread(spec, settings.database_url) for spec in projections]
-        if settings.run_projections:
-            for t in threads:
-                t.start()
+        threads = start_runners(projections, settings.database_url, run=settings.run_projections)
         app.state.projection_threads = threads
         try:
             yield
         finally:
-            for t in threads:
-                t.stop()
-            for t in threads:
-                if t.is_alive():
-                    await asyncio.to_thread(t.join, 10)
+            await stop_runners(threads)
             await app.state.as_of_views.close()
             await app.state.pool.close()
             if application_class is not None:
