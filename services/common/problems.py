@@ -231,3 +231,10 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(request, 500, "Internal Server Error",
                                 "The error was logged; the request may be retried.")
+
+    # The database out of reach is answered where every handled error is (Starlette's
+    # ExceptionMiddleware). The catch-all above runs in ServerErrorMiddleware, which raises the
+    # error again after answering: uvicorn then logs a traceback and closes the connection, and a
+    # client that reuses it for its retry gets a reset instead of an answer.
+    for error_class in _UNREACHABLE:
+        app.add_exception_handler(error_class, _unexpected)

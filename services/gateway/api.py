@@ -63,7 +63,12 @@ MAX_TOKENS = 5000
 
 class BadInput(ValueError):
     """A query argument that cannot be right; its message is shown to the client (other
-    errors are masked, so that internals do not leak)."""
+    errors are masked, so that internals do not leak), marked as the client's error as a
+    mutation's refusal is (`extensions.code`, which graphql-core copies from the exception)."""
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        return {"code": "BAD_USER_INPUT"}
 
 
 class Context(BaseContext):
