@@ -12,6 +12,7 @@ type name, aggregate id, version, JSON state) without importing the other servic
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -19,7 +20,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +39,7 @@ from eventsourcing.projection import (
 from eventsourcing.utils import Environment, get_topic
 from psycopg.sql import SQL, Identifier
 
+from services.common.batching import Batch, Held, HeldRows, Statement
 from services.common.contract_upcasts import CONTRACT_UPCASTS, ContractUpcast, upcast_contract_state
 from services.common.database import eventsourcing_env, projection_channel
 from services.common.eventstore import standard_transcoder, topic_event_type
@@ -46,7 +48,6 @@ from services.common.telemetry import traced_projection
 
 log = logging.getLogger(__name__)
 
-Statement = tuple[str, Sequence[Any]]
 _CREATED_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS \{schema\}\.(\w+)")
 
 
@@ -113,6 +114,17 @@ class ReadModel(PostgresTrackingRecorder):
             if curs.fetchone()["t"] is not None:
                 curs.execute(SQL("DELETE FROM {}.{} WHERE application_name <> %s").format(
                     Identifier(self.schema), Identifier(self.tracking_table_name)), (self.table_migration_identifier,))
+        # The library looked at the tracking table before this transaction: another process
+        # (a second replica starting beside this one) may have created it and recorded its
+        # migration row while this one waited for the lock. Inserting that row again would fail
+        # the start-up, so it decides from what is there now.
+        curs.execute("SELECT to_regclass(%s) AS t", (f"{self.schema}.{self.tracking_table_name}",))
+        if curs.fetchone()["t"] is not None:
+            curs.execute(SQL("SELECT max(notification_id) AS m FROM {}.{} WHERE application_name = %s").format(
+                Identifier(self.schema), Identifier(self.tracking_table_name)), (self.table_migration_identifier,))
+            migrated = curs.fetchone()["m"]
+            self.tracking_table_exists = True
+            self.tracking_migration_previous = self.tracking_migration_current = migrated
         super()._create_table(curs)
         curs.execute(SQL("INSERT INTO {} VALUES (%s, %s) ON CONFLICT (tracking_table) DO UPDATE "
                          "SET fingerprint = EXCLUDED.fingerprint").format(fingerprints),
@@ -122,47 +134,65 @@ class ReadModel(PostgresTrackingRecorder):
     """Whether projections tell live subscribers about what they write (a replay into a
     scratch schema does not)."""
 
-    _batch: Any = None
-    _batch_tracking: Tracking | None = None
+    held: Sequence[Held] = ()
+    """The tables a batch keeps in memory (services.common.batching): those most events change."""
+
+    _state: Batch | None = None
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """One transaction for every event applied inside: the statements of each, then the last
-        tracking position once, committed together (or not at all). `query` reads inside it, so
-        a handler sees what the events before it in the batch wrote."""
-        with self.datastore.transaction(commit=True) as curs:
-            self._batch, self._batch_tracking = curs, None
+        """One transaction for every event applied inside, in a few round trips
+        (services.common.batching): the statements of each sent in pipeline mode, the held rows
+        written at the end, then the last tracking position once and a NOTIFY, committed
+        together (or not at all). A handler sees what the events before it in the batch did."""
+        state = self._state or Batch(self)  # adopts an event begun outside a batch
+        assert state.curs is None, "batches do not nest"
+        with self.datastore.transaction(commit=True) as curs, curs.connection.pipeline():
+            state.curs, self._state = curs, state
             try:
                 yield
-                if self._batch_tracking is not None:
-                    self._insert_tracking(curs, self._batch_tracking)
+                state.finish()
+                if state.tracking is not None:
+                    with curs.connection.cursor() as fresh:  # it may read: a cursor without results (pipeline mode)
+                        self._insert_tracking(fresh, state.tracking)
                     curs.execute(SQL("NOTIFY {}").format(Identifier(self.channel)))
             finally:
-                self._batch, self._batch_tracking = None, None
+                self._state = None
+
+    def _current(self) -> Batch:
+        if self._state is None:  # an event applied outside `batch()`: a batch of its own, which `apply` ends
+            self._state = Batch(self)
+        return self._state
 
     def apply(self, tracking: Tracking, statements: Iterable[Statement] = ()) -> None:
-        """Run the statements and record the tracking position in one transaction (the batch's,
-        inside `batch`)."""
-        if self._batch is not None:
-            for sql, params in statements:
-                self._batch.execute(sql.format(schema=self.schema), params)
-            self._batch_tracking = tracking
+        """The event's statements and its tracking position, in the batch's transaction (outside
+        `batch`, in one of the event's own, with what it changed in held tables)."""
+        state = self._current()
+        if state.curs is None:
+            with self.batch():
+                self.apply(tracking, statements)
             return
-        with self.datastore.transaction(commit=True) as curs:
-            for sql, params in statements:
-                curs.execute(sql.format(schema=self.schema), params)  # type: ignore[arg-type]
-            self._insert_tracking(curs, tracking)
-            curs.execute(SQL("NOTIFY {}").format(Identifier(self.channel)))
+        state.run(statements)
+        state.tracking = tracking
+
+    def rows(self, table: str) -> HeldRows:
+        """A held table's rows, as the events so far in the batch left them."""
+        return self._current().rows(table)
+
+    def later(self, finish: Callable[[dict[Any, Any]], None]) -> dict[Any, Any]:
+        """What to do once at the end of the batch: `finish(items)`, with the dict returned
+        here as the handlers filled it (before the held rows are written, or before a statement
+        or query that names a held table)."""
+        return self._current().later(finish)
+
+    def memo(self, name: str) -> dict[Any, Any]:
+        """A dict of the projection's that lasts as long as the batch (what `prefetch` found out)."""
+        return self._current().memos.setdefault(name, {})
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Read the projection's own tables while processing (the same connection pool, or the
-        batch's transaction)."""
-        if self._batch is not None:
-            self._batch.execute(sql.format(schema=self.schema), params)
-            return list(self._batch.fetchall())
-        with self.datastore.transaction(commit=False) as curs:
-            curs.execute(sql.format(schema=self.schema), params)  # type: ignore[arg-type]
-            return list(curs.fetchall())
+        """Read the projection's own tables while processing (the batch's transaction, after
+        what the events before it did)."""
+        return self._current().read(sql, params)
 
 
 @dataclass(frozen=True)
@@ -430,3 +460,22 @@ class ProjectionThread(threading.Thread):
         runner = self._runner
         if runner is not None:
             runner.stop()
+
+
+def start_runners(specs: Sequence[ProjectionSpec], database_url: str, *, run: bool = True) -> list[ProjectionThread]:
+    """A thread per projection, started unless `run` is false (they run elsewhere)."""
+    threads = [ProjectionThread(spec, database_url) for spec in specs]
+    if run:
+        for t in threads:
+            t.start()
+    return threads
+
+
+async def stop_runners(threads: Sequence[ProjectionThread], timeout: float = 10) -> None:
+    """Stop every runner, then wait for each (the event being processed is finished first)."""
+    for t in threads:
+        t.stop()
+    for t in threads:
+        if t.is_alive():
+            await asyncio.to_thread(t.join, timeout)
+

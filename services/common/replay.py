@@ -104,20 +104,24 @@ def open_log(spec: ProjectionSpec, database_url: str) -> Application[Any]:
 def apply_batch(app: Application[Any], projection: Any, view: ReadModel, position: int, batch_size: int, *,
                 stop: int | None = None, keep: EventFilter | None = None) -> tuple[int, int]:
     """The next notifications of the log after `position` (up to `stop`) applied in one
-    transaction with the last one's tracking position: (events read, events kept)."""
+    transaction with the last one's tracking position: (events read, events kept). The events
+    are decoded first, so that the projection's `prefetch(events)`, if it has one, loads what
+    they touch before the first is applied (services.common.batching)."""
     notifications = app.recorder.select_notifications(position, batch_size, stop=stop, inclusive_of_start=False)
-    kept = 0
-    if notifications:
-        with view.batch():
-            for notification in notifications:
-                event = app.mapper.to_domain_event(notification)
-                tracking = Tracking(app.name, notification.id)
-                if keep is None or keep(event):
-                    projection.process_event(event, tracking)
-                    kept += 1
-                else:
-                    view.apply(tracking)
-    return len(notifications), kept
+    if not notifications:
+        return 0, 0
+    events = [(app.mapper.to_domain_event(n), Tracking(app.name, n.id)) for n in notifications]
+    kept = [keep is None or keep(event) for event, _ in events]
+    with view.batch():
+        prefetch = getattr(projection, "prefetch", None)
+        if prefetch is not None and any(kept):
+            prefetch([event for (event, _), k in zip(events, kept, strict=True) if k])
+        for (event, tracking), k in zip(events, kept, strict=True):
+            if k:
+                projection.process_event(event, tracking)
+            else:
+                view.apply(tracking)  # events `keep` turns down still move the position
+    return len(notifications), sum(kept)
 
 
 def replay(source: ReadModelSource, database_url: str, schema: str, *, stops: dict[str, int] | None = None,

@@ -3,26 +3,36 @@
 
 One projection follows two logs (goals and metrics), each through its own runner; both write
 the same tables and one tracking table, `gateway.alignment_tracking`, one row per log. Events
-arrive as `ContractEvent`s, so nothing here imports the producers' classes. Each event is one
-transaction with its tracking position; dropped and replayed the tables come back the same.
+arrive as `ContractEvent`s, so nothing here imports the producers' classes. Each batch of
+events is one transaction with the last one's tracking position (key results, check-ins, KPIs
+and measurements held in memory for the batch: services.common.batching; the goals runner
+writes only the first two, the metrics runner the others, so neither holds what the other
+writes); dropped and replayed the tables come back the same, whatever the batches.
 Scores, KPI states and the target in force are not stored: they are computed at read time
 from the facts kept here (`services.gateway.domain`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+from uuid import UUID
 
 from eventsourcing.persistence import Tracking
 from eventsourcing.projection import Projection
 
+from services.common.batching import Held
 from services.common.projections import ContractEvent, ProjectionSpec, ReadModel, Statement, followed_log
 from services.gateway.domain import CheckIn, Rule, current_check_in, revise_rules, supersedes
 from services.gateway.subscriptions import announcements
 
 
 class AlignmentReadModel(ReadModel):
+    held = (Held("key_results", columns=()),
+            Held("check_ins", key=("key_result_id", "version"), group="key_result_id",
+                 columns=("valid_on", "value", "confidence", "corrects_version")),
+            Held("kpis", columns=("latest_measured_at", "latest_measurement_id")),
+            Held("measurements", key=("measurement_id",), blind=True))
     tables = (
         """CREATE TABLE IF NOT EXISTS {schema}.units (
             id uuid PRIMARY KEY, name text NOT NULL, kind text NOT NULL, parent_id uuid,
@@ -106,6 +116,13 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
         statements = handler(self, domain_event, domain_event.data) if handler else []
         self.view.apply(tracking, [*statements, *(announcements(domain_event) if self.view.announces else [])])
 
+    def prefetch(self, events: Sequence[ContractEvent]) -> None:
+        """Load the key results, check-ins and KPIs a batch's events touch: one statement each
+        (services.common.batching)."""
+        self.view.rows("key_results").load(e.originator_id for e in events if e.type in KEY_RESULT_ROW_EVENTS)
+        self.view.rows("check_ins").load_groups(e.originator_id for e in events if e.type in CHECK_IN_EVENTS)
+        self.view.rows("kpis").load(e.originator_id for e in events if e.type in KPI_ROW_EVENTS)
+
     # goals ---------------------------------------------------------------------------------
 
     def unit_created(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
@@ -173,49 +190,52 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
         return [("DELETE FROM {schema}.contributions WHERE objective_id = %s AND to_objective_id = %s",
                  (e.originator_id, d["to_objective_id"]))]
 
+    # Key results and their check-ins are held in memory for a batch (services.common.batching).
+
     def key_result_created(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
-        weights = [float(m["weight"]) for m in d.get("milestones") or []]
-        return [("INSERT INTO {schema}.key_results (id, objective_id, title, kind, start, target, low, high, "
-                 "milestone_weights, unit, weight, owner_id, created_at) "
-                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                 (e.originator_id, d["objective_id"], d["title"], str(d["kind"]), d.get("start"),
-                  d.get("target"), d.get("low"), d.get("high"), weights, d.get("unit", ""),
-                  d.get("weight", 1.0), d.get("owner_id"), e.timestamp))]
+        self.view.rows("key_results").insert(
+            id=e.originator_id, objective_id=d["objective_id"], title=d["title"], kind=str(d["kind"]),
+            start=d.get("start"), target=d.get("target"), low=d.get("low"), high=d.get("high"),
+            milestone_weights=[float(m["weight"]) for m in d.get("milestones") or []], unit=d.get("unit", ""),
+            weight=d.get("weight", 1.0), current=None, current_valid_on=None, confidence=None,
+            owner_id=d.get("owner_id"), kpi_id=None, created_at=e.timestamp)
+        return []
 
     def key_result_revised(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
-        weights = [float(m["weight"]) for m in d.get("milestones") or []]
-        return [("UPDATE {schema}.key_results SET title = %s, unit = %s, weight = %s, start = %s, target = %s, "
-                 "low = %s, high = %s, milestone_weights = %s, owner_id = %s WHERE id = %s",
-                 (d["title"], d.get("unit", ""), d["weight"], d.get("start"), d.get("target"), d.get("low"),
-                  d.get("high"), weights, d.get("owner_id"), e.originator_id))]
+        self.view.rows("key_results").update(
+            e.originator_id, title=d["title"], unit=d.get("unit", ""), weight=d["weight"], start=d.get("start"),
+            target=d.get("target"), low=d.get("low"), high=d.get("high"),
+            milestone_weights=[float(m["weight"]) for m in d.get("milestones") or []], owner_id=d.get("owner_id"))
+        return []
 
     def key_result_moved(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
-        return [("UPDATE {schema}.key_results SET objective_id = %s WHERE id = %s",
-                 (d["objective_id"], e.originator_id))]
+        self.view.rows("key_results").update(e.originator_id, objective_id=d["objective_id"])
+        return []
 
     def key_result_checked_in(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
-        """A check-in or a correction of one: kept as history, then the current value is the
-        one `current_check_in` picks from all of them."""
-        check_in = CheckIn(e.version, d["valid_on"], d["value"], d.get("confidence"), d.get("corrects_version"))
-        earlier = self.view.query(
-            "SELECT version, valid_on, value, confidence, corrects_version FROM {schema}.check_ins "
-            "WHERE key_result_id = %s", (e.originator_id,))
-        current = current_check_in([check_in, *(CheckIn(r["version"], r["valid_on"], r["value"], r["confidence"],
-                                                         r["corrects_version"]) for r in earlier)])
-        assert current is not None
-        return [
-            ("INSERT INTO {schema}.check_ins (key_result_id, version, valid_on, value, confidence, note, "
-             "corrects_version, recorded_at, actor, measurement_id) "
-             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-             (e.originator_id, e.version, d["valid_on"], d["value"], d.get("confidence"), d.get("note", ""),
-              d.get("corrects_version"), e.timestamp, e.meta.get("actor", "unknown"), d.get("measurement_id"))),
-            ("UPDATE {schema}.key_results SET current = %s, current_valid_on = %s, confidence = %s WHERE id = %s",
-             (current.value, current.valid_on, current.confidence, e.originator_id)),
-        ]
+        """A check-in or a correction of one: kept as history; the current value is the one
+        `current_check_in` picks from all of them, once per batch (`_current`)."""
+        self.view.rows("check_ins").insert(
+            key_result_id=e.originator_id, version=e.version, valid_on=d["valid_on"], value=d["value"],
+            confidence=d.get("confidence"), note=d.get("note", ""), corrects_version=d.get("corrects_version"),
+            recorded_at=e.timestamp, actor=e.meta.get("actor", "unknown"), measurement_id=d.get("measurement_id"))
+        if self.view.rows("key_results").get(e.originator_id) is not None:
+            self.view.later(self._current)[e.originator_id] = None
+        return []
+
+    def _current(self, checked_in: dict[UUID, None]) -> None:
+        key_results, check_ins = self.view.rows("key_results"), self.view.rows("check_ins")
+        for kr_id in checked_in:
+            current = current_check_in(CheckIn(r["version"], r["valid_on"], r["value"], r["confidence"],
+                                               r["corrects_version"]) for r in check_ins.group(kr_id))
+            assert current is not None
+            key_results.update(kr_id, current=current.value, current_valid_on=current.valid_on,
+                               confidence=current.confidence)
 
     def key_result_bound(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         """KeyResultBoundToKPI names the KPI; KeyResultUnboundFromKPI clears it."""
-        return [("UPDATE {schema}.key_results SET kpi_id = %s WHERE id = %s", (d.get("kpi_id"), e.originator_id))]
+        self.view.rows("key_results").update(e.originator_id, kpi_id=d.get("kpi_id"))
+        return []
 
     def guardrail_added(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         return [("INSERT INTO {schema}.objective_guardrails (objective_id, kpi_id, version) VALUES (%s, %s, %s) "
@@ -232,14 +252,13 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
     # at read time (`services.gateway.domain`), the target because it depends on the day.
 
     def kpi_defined(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
-        statements: list[Statement] = [(
-            "INSERT INTO {schema}.kpis (id, name, description, unit, owner_id, unit_id, direction, cadence, "
-            "target, latest_value, latest_measured_at, latest_measurement_id, stale, created_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, NULL, NULL, false, %s) ON CONFLICT (id) DO NOTHING",
-            (e.originator_id, d["name"], d.get("description", ""), d.get("unit", ""), d.get("owner_id"),
-             d.get("unit_id"), str(d["direction"]), str(d["cadence"]), d.get("target"), e.timestamp))]
+        self.view.rows("kpis").insert(
+            id=e.originator_id, name=d["name"], description=d.get("description", ""), unit=d.get("unit", ""),
+            owner_id=d.get("owner_id"), unit_id=d.get("unit_id"), direction=str(d["direction"]),
+            cadence=str(d["cadence"]), target=d.get("target"), latest_value=None, latest_measured_at=None,
+            latest_measurement_id=None, stale=False, created_at=e.timestamp)
         rules = [Rule.from_contract(r, n) for n, r in enumerate(d.get("rules") or [], start=1)]
-        return statements + self._insert_rules(e, rules)
+        return self._insert_rules(e, rules)
 
     def kpi_rules_revised(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         current = [Rule.from_contract(r, breached=r["breached"]) for r in self.view.query(
@@ -258,25 +277,24 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
     def kpi_measured(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         """Every measurement goes into the series; only one that supersedes the latest (by valid
         time) changes the KPI's latest value: a late one is history."""
-        statements: list[Statement] = [(
-            "INSERT INTO {schema}.measurements (measurement_id, kpi_id, version, measured_at, value, source, "
-            "recorded_at) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (measurement_id) DO NOTHING",
-            (d["measurement_id"], e.originator_id, e.version, d["measured_at"], d["value"], d.get("source", ""),
-             e.timestamp))]
-        kpi = self.view.query("SELECT latest_measured_at FROM {schema}.kpis WHERE id = %s", (e.originator_id,))
-        if not kpi or not supersedes(kpi[0]["latest_measured_at"], d["measured_at"]):
-            return statements
-        return [*statements, (
-            "UPDATE {schema}.kpis SET latest_value = %s, latest_measured_at = %s, latest_measurement_id = %s "
-            "WHERE id = %s", (d["value"], d["measured_at"], d["measurement_id"], e.originator_id))]
+        self.view.rows("measurements").insert(
+            measurement_id=d["measurement_id"], kpi_id=e.originator_id, version=e.version,
+            measured_at=d["measured_at"], value=d["value"], source=d.get("source", ""), recorded_at=e.timestamp)
+        kpi = self.view.rows("kpis").get(e.originator_id)
+        if kpi is not None and supersedes(kpi["latest_measured_at"], d["measured_at"]):
+            self.view.rows("kpis").update(e.originator_id, latest_value=d["value"], latest_measured_at=d["measured_at"],
+                                          latest_measurement_id=d["measurement_id"])
+        return []
 
     def kpi_measurement_corrected(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         """Only a correction of the latest measurement changes the latest value. The latest is
         named by its id: of two measurements at the same valid time (two sources), only the one
         that is the latest counts."""
-        return [("UPDATE {schema}.kpis SET latest_value = %s WHERE id = %s AND latest_measurement_id = %s",
-                 (d["value"], e.originator_id, d["measurement_id"])),
-                ("UPDATE {schema}.measurements SET value = %s WHERE measurement_id = %s",
+        kpi = self.view.rows("kpis").get(e.originator_id)
+        latest = kpi and kpi["latest_measurement_id"]
+        if latest is not None and _uuid(latest) == _uuid(d["measurement_id"]):
+            self.view.rows("kpis").update(e.originator_id, latest_value=d["value"])
+        return [("UPDATE {schema}.measurements SET value = %s WHERE measurement_id = %s",
                  (d["value"], d["measurement_id"]))]
 
     def kpi_breached(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
@@ -291,12 +309,25 @@ class AlignmentProjection(Projection[AlignmentReadModel]):
 
     def kpi_staleness(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         """KPIStale until KPIFreshened."""
-        return [("UPDATE {schema}.kpis SET stale = %s WHERE id = %s", (e.type == "KPIStale", e.originator_id))]
+        self.view.rows("kpis").update(e.originator_id, stale=e.type == "KPIStale")
+        return []
 
     def kpi_target_changed(self, e: ContractEvent, d: dict[str, Any]) -> list[Statement]:
         return [("INSERT INTO {schema}.kpi_targets (kpi_id, version, target, effective_from, reason, recorded_at) "
                  "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                  (e.originator_id, e.version, d["target"], d["effective_from"], d.get("reason", ""), e.timestamp))]
+
+
+def _uuid(value: Any) -> UUID:
+    return value if isinstance(value, UUID) else UUID(str(value))
+
+
+KEY_RESULT_ROW_EVENTS = frozenset({"KeyResultCreated", "KeyResultRevised", "KeyResultMovedToObjective",
+                               "KeyResultProgressed", "KeyResultCheckInCorrected", "KeyResultBoundToKPI",
+                               "KeyResultUnboundFromKPI"})
+CHECK_IN_EVENTS = frozenset({"KeyResultProgressed", "KeyResultCheckInCorrected"})
+KPI_ROW_EVENTS = frozenset({"KPIDefined", "KPIMeasured", "KPIMeasurementCorrected", "KPIStale", "KPIFreshened"})
+"""The events whose handlers change held rows, which `prefetch` loads."""
 
 
 def set_status(table: str, status: str) -> Handler:

@@ -1,7 +1,8 @@
 """The goals read model: tables in the `goals` schema that the REST reads query.
 
-Written only by `GoalsProjection`, one event per transaction together with its tracking
-position; dropped and replayed it gives the same rows. Every event of an aggregate sets its
+Written only by `GoalsProjection`, a batch of events per transaction together with the last
+one's tracking position (key results and check-ins held in memory for the batch:
+services.common.batching); dropped and replayed it gives the same rows, whatever the batches. Every event of an aggregate sets its
 row's `version`, so a read's ETag is the aggregate's version.
 
 History is kept where the domain keeps it: `person_units` and `person_managers` hold every
@@ -32,6 +33,7 @@ from eventsourcing.dispatch import singledispatchmethod
 from eventsourcing.persistence import Tracking
 from eventsourcing.projection import Projection
 
+from services.common.batching import Held
 from services.common.projections import ContractEvent, ProjectionSpec, ReadModel, Statement, followed_log
 from services.goals.application import Goals, KPIProgress
 from services.goals.domain import (
@@ -54,6 +56,11 @@ TABLES = ("units", "people", "person_units", "person_managers", "cycles", "objec
 
 
 class GoalsReadModel(ReadModel):
+    held = (Held("key_results", json=("milestones",),
+                 columns=("objective_id", "kind", "start", "target", "low", "high", "milestones", "check_in_count",
+                          "correction_count")),
+            Held("check_ins", key=("key_result_id", "version"), group="key_result_id",
+                 columns=("valid_on", "value", "confidence", "corrects_version", "corrected_by", "measurement_id")))
     tables = (
         # external_id and dissolved_on: what SCIM groups need (services.goals.scim).
         """CREATE TABLE IF NOT EXISTS {schema}.units (
@@ -370,64 +377,74 @@ class GoalsProjection(Projection[GoalsReadModel]):
              (e.to_objective_id, e.originator_id)),
             _set("objectives", e)])
 
-    # Key results.
+    # Key results: held in memory for the batch (their rows and check-ins), so a check-in costs
+    # no round trip of its own; the derived columns are worked out once per batch (`_derive`).
+
+    def prefetch(self, events: Sequence[Any]) -> None:
+        """Load the key results a batch's events touch, and the check-ins of those checked in:
+        one statement each."""
+        self.view.rows("key_results").load(e.originator_id for e in events if isinstance(e, KeyResult.Event))
+        self.view.rows("check_ins").load_groups(
+            e.originator_id for e in events if isinstance(e, KeyResult.Progressed | KeyResult.CheckInCorrected))
 
     @process_event.register
     def _(self, e: KeyResult.Created, tracking: Tracking) -> None:
-        self.view.apply(tracking, [_insert(
-            "key_results", id=e.originator_id, objective_id=e.objective_id, title=e.title, kind=str(e.kind),
-            start=e.start, target=e.target, low=e.low, high=e.high, milestones=json.dumps(e.milestones),
+        self.view.rows("key_results").insert(
+            id=e.originator_id, objective_id=e.objective_id, title=e.title, kind=str(e.kind),
+            start=e.start, target=e.target, low=e.low, high=e.high, milestones=e.milestones,
             unit=e.unit, weight=e.weight, owner_id=e.owner_id, current=None, current_valid_on=None,
             confidence=None, score=None, forecast_value=None, forecast_score=None, check_in_count=0,
             correction_count=0, kpi_id=None, version=e.originator_version, created_at=e.timestamp,
-            updated_at=e.timestamp)])
+            updated_at=e.timestamp)
+        self.view.apply(tracking)
 
     @process_event.register
     def _(self, e: KeyResult.Progressed, tracking: Tracking) -> None:
-        def add(entries: dict[int, CheckIn]) -> None:
-            entries[e.originator_version] = CheckIn(e.originator_version, e.valid_on, e.value, e.confidence)
-
-        self.view.apply(tracking, [
-            _insert("check_ins", key_result_id=e.originator_id, version=e.originator_version, value=e.value,
-                    confidence=e.confidence, note=e.note, valid_on=e.valid_on, corrects_version=None,
-                    corrected_by=None, recorded_at=e.timestamp, actor=_actor(e), measurement_id=e.measurement_id),
-            *self._key_result_changed(e, add, check_ins=1),
-        ])
+        self.view.rows("check_ins").insert(
+            key_result_id=e.originator_id, version=e.originator_version, value=e.value, confidence=e.confidence,
+            note=e.note, valid_on=e.valid_on, corrects_version=None, corrected_by=None, recorded_at=e.timestamp,
+            actor=_actor(e), measurement_id=e.measurement_id)
+        self._key_result_changed(e, CheckIn(e.originator_version, e.valid_on, e.value, e.confidence), check_ins=1)
+        self.view.apply(tracking)
 
     @process_event.register
     def _(self, e: KeyResult.CheckInCorrected, tracking: Tracking) -> None:
-        def correct(entries: dict[int, CheckIn]) -> None:
-            entries[e.corrects_version] = CheckIn(e.corrects_version, e.valid_on, e.value, e.confidence)
-
-        self.view.apply(tracking, [
-            _insert("check_ins", key_result_id=e.originator_id, version=e.originator_version, value=e.value,
-                    confidence=e.confidence, note=e.note, valid_on=e.valid_on, corrects_version=e.corrects_version,
-                    corrected_by=None, recorded_at=e.timestamp, actor=_actor(e)),
-            ("UPDATE {schema}.check_ins SET corrected_by = %s WHERE key_result_id = %s AND version = %s",
-             (e.originator_version, e.originator_id, e.corrects_version)),
-            ("UPDATE {schema}.check_ins c SET measurement_id = o.measurement_id FROM {schema}.check_ins o "
-             "WHERE c.key_result_id = %s AND c.version = %s AND o.key_result_id = c.key_result_id "
-             "AND o.version = %s", (e.originator_id, e.originator_version, e.corrects_version)),
-            *self._key_result_changed(e, correct, corrections=1),
-        ])
+        """A correction is a row of its own; the check-in it corrects names it (`corrected_by`),
+        and it carries that check-in's measurement."""
+        check_ins = self.view.rows("check_ins")
+        corrected = check_ins.get(e.originator_id, e.corrects_version)
+        check_ins.insert(
+            key_result_id=e.originator_id, version=e.originator_version, value=e.value, confidence=e.confidence,
+            note=e.note, valid_on=e.valid_on, corrects_version=e.corrects_version, corrected_by=None,
+            recorded_at=e.timestamp, actor=_actor(e), measurement_id=None)
+        check_ins.update(e.originator_id, e.corrects_version, corrected_by=e.originator_version)
+        if corrected is not None:
+            check_ins.update(e.originator_id, e.originator_version, measurement_id=corrected["measurement_id"])
+        self._key_result_changed(e, CheckIn(e.corrects_version, e.valid_on, e.value, e.confidence), corrections=1)
+        self.view.apply(tracking)
 
     @process_event.register
     def _(self, e: KeyResult.Revised, tracking: Tracking) -> None:
-        self.view.apply(tracking, self._key_result_changed(
-            e, title=e.title, unit=e.unit, weight=e.weight, owner_id=e.owner_id, start=e.start,
-            target=e.target, low=e.low, high=e.high, milestones=json.dumps(e.milestones)))
+        self._key_result_changed(e, title=e.title, unit=e.unit, weight=e.weight, owner_id=e.owner_id, start=e.start,
+                                 target=e.target, low=e.low, high=e.high, milestones=e.milestones)
+        self.view.apply(tracking)
 
     @process_event.register
     def _(self, e: KeyResult.MovedToObjective, tracking: Tracking) -> None:
-        self.view.apply(tracking, self._key_result_changed(e, objective_id=e.objective_id))
+        self._key_result_changed(e, objective_id=e.objective_id)
+        self.view.apply(tracking)
 
     @process_event.register
     def _(self, e: KeyResult.BoundToKPI, tracking: Tracking) -> None:
-        self.view.apply(tracking, [_set("key_results", e, kpi_id=e.kpi_id)])
+        self.view.rows("key_results").update(e.originator_id, kpi_id=e.kpi_id, version=e.originator_version,
+                                             updated_at=e.timestamp)
+        self.view.apply(tracking)
 
     @process_event.register
     def _(self, e: KeyResult.UnboundFromKPI, tracking: Tracking) -> None:
-        self.view.apply(tracking, [_set("key_results", e, kpi_id=None)])
+        self.view.rows("key_results").update(e.originator_id, kpi_id=None, version=e.originator_version,
+                                             updated_at=e.timestamp)
+        self.view.apply(tracking)
 
     # The KPI binding index: the key results' rows say which KPI each follows.
 
@@ -436,46 +453,58 @@ class GoalsProjection(Projection[GoalsReadModel]):
           tracking: Tracking) -> None:
         self.view.apply(tracking)
 
-    def _key_result_changed(
-        self, e: Any, change: Callable[[dict[int, CheckIn]], None] | None = None, *,
-        check_ins: int = 0, corrections: int = 0, **columns: Any,
-    ) -> list[Statement]:
-        """The key result's row after the event: its changed columns, and its current value,
-        confidence, score and forecast recomputed with the domain's rules from its check-ins as
-        they stand after corrections (plus `change`, this event's, not yet written)."""
-        rows = self.view.query(
-            "SELECT k.*, c.ends_on FROM {schema}.key_results k "
-            "LEFT JOIN {schema}.objectives o ON o.id = COALESCE(%s, k.objective_id) "
-            "LEFT JOIN {schema}.cycles c ON c.id = o.cycle_id WHERE k.id = %s",
-            (columns.get("objective_id"), e.originator_id))
-        if not rows:
-            return []
-        kr = {**rows[0], **columns}
-        entries = {r["version"]: CheckIn(r["version"], r["valid_on"], r["value"], r["confidence"])
-                   for r in self.view.query(
-                       "SELECT o.version, COALESCE(c.valid_on, o.valid_on) AS valid_on, "
-                       "COALESCE(c.value, o.value) AS value, "
-                       "CASE WHEN c.version IS NULL THEN o.confidence ELSE c.confidence END AS confidence "
-                       "FROM {schema}.check_ins o LEFT JOIN {schema}.check_ins c "
-                       "ON c.key_result_id = o.key_result_id AND c.version = o.corrected_by "
-                       "WHERE o.key_result_id = %s AND o.corrects_version IS NULL", (e.originator_id,))}
-        if change is not None:
-            change(entries)
-        ordered = in_valid_order(entries.values())
-        latest = ordered[-1] if ordered else None
-        milestones = kr["milestones"] if isinstance(kr["milestones"], list) else json.loads(kr["milestones"])
-        measure = Measure(kr["kind"], kr["start"], kr["target"], kr["low"], kr["high"],
-                          tuple(float(m["weight"]) for m in milestones))
-        projected, projected_score = forecast(measure, ordered, kr["ends_on"]) if kr["ends_on"] else (None, None)
-        current = latest.value if latest else None
-        return [
-            _set("key_results", e, **columns, current=current,
-                 current_valid_on=latest.valid_on if latest else None,
-                 confidence=latest.confidence if latest else None, score=measure.score(current),
-                 forecast_value=projected, forecast_score=projected_score),
-            ("UPDATE {schema}.key_results SET check_in_count = check_in_count + %s, "
-             "correction_count = correction_count + %s WHERE id = %s", (check_ins, corrections, e.originator_id)),
-        ]
+    def _key_result_changed(self, e: Any, change: CheckIn | None = None, *, check_ins: int = 0,
+                            corrections: int = 0, **columns: Any) -> None:
+        """The key result's row after the event: its changed columns, counts, version and time
+        now; its current value, confidence, score and forecast at the end of the batch
+        (`_derive`), from its check-ins as they stand after corrections and the last event's
+        `change` (the check-in it records or corrects)."""
+        key_results = self.view.rows("key_results")
+        kr = key_results.get(e.originator_id)
+        if kr is None:
+            return
+        counts = {"check_in_count": kr["check_in_count"] + check_ins} if check_ins else {}
+        if corrections:
+            counts["correction_count"] = kr["correction_count"] + corrections
+        key_results.update(e.originator_id, **columns, **counts, version=e.originator_version, updated_at=e.timestamp)
+        self.view.later(self._derive)[e.originator_id] = change
+
+    def _derive(self, changed: dict[UUID, CheckIn | None]) -> None:
+        """Each changed key result's derived columns, worked out with the domain's rules (one
+        statement for the cycles' ends, whatever the number of key results)."""
+        key_results, check_ins = self.view.rows("key_results"), self.view.rows("check_ins")
+        rows = {kr_id: kr for kr_id in changed if (kr := key_results.get(kr_id)) is not None}
+        ends_on = {r["id"]: r["ends_on"] for r in self.view.query(
+            "SELECT o.id, c.ends_on FROM {schema}.objectives o LEFT JOIN {schema}.cycles c ON c.id = o.cycle_id "
+            "WHERE o.id = ANY(%s)", (list({kr["objective_id"] for kr in rows.values()}),))}
+        for kr_id, kr in rows.items():
+            entries = _effective_check_ins(check_ins.group(kr_id))
+            if (change := changed[kr_id]) is not None:
+                entries[change.version] = change
+            ordered = in_valid_order(entries.values())
+            latest = ordered[-1] if ordered else None
+            milestones = kr["milestones"] if not isinstance(kr["milestones"], str) else json.loads(kr["milestones"])
+            measure = Measure(kr["kind"], kr["start"], kr["target"], kr["low"], kr["high"],
+                              tuple(float(m["weight"]) for m in milestones))
+            ends = ends_on.get(kr["objective_id"])
+            projected, projected_score = forecast(measure, ordered, ends) if ends else (None, None)
+            current = latest.value if latest else None
+            key_results.update(kr_id, current=current, current_valid_on=latest.valid_on if latest else None,
+                               confidence=latest.confidence if latest else None, score=measure.score(current),
+                               forecast_value=projected, forecast_score=projected_score)
+
+
+def _effective_check_ins(rows: Sequence[dict[str, Any]]) -> dict[int, CheckIn]:
+    """A key result's check-ins (not its corrections), each with its latest correction's valid
+    day, value and confidence if it has one."""
+    by_version = {r["version"]: r for r in rows}
+    entries = {}
+    for o in rows:
+        if o["corrects_version"] is None:
+            c = by_version.get(o["corrected_by"]) if o["corrected_by"] is not None else None
+            entries[o["version"]] = (CheckIn(o["version"], c["valid_on"], c["value"], c["confidence"]) if c
+                                     else CheckIn(o["version"], o["valid_on"], o["value"], o["confidence"]))
+    return entries
 
 
 def _actor(e: Any) -> str:

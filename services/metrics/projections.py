@@ -1,7 +1,8 @@
 """The metrics read model: tables in the `metrics` schema that the REST reads query.
 
-Written only by `MetricsProjection`, one event per transaction together with its tracking
-position; dropped and replayed it gives the same rows.
+Written only by `MetricsProjection`, a batch of events per transaction together with the last
+one's tracking position (KPIs held in memory for the batch, measurements inserted at its end:
+services.common.batching); dropped and replayed it gives the same rows, whatever the batches.
 
 - `kpis`: one row per KPI with its rules as JSON, each with its `state`. Whether a rule is
   breached comes from the log (`KPIThresholdBreached` / `KPIRecovered`), never re-decided here;
@@ -18,19 +19,23 @@ Tables created before a column existed get it from `ALTER TABLE ... ADD COLUMN I
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from typing import Any
 
 from eventsourcing.dispatch import singledispatchmethod
 from eventsourcing.persistence import Tracking
 from eventsourcing.projection import Projection
 
+from services.common.batching import Held
 from services.common.projections import ProjectionSpec, ReadModel, Statement
 from services.metrics.application import Metrics
 from services.metrics.domain import KPI, RuleState, ThresholdRule, kpi_state, rule_state
 
 
 class MetricsReadModel(ReadModel):
+    held = (Held("kpis", json=("rules",),
+                 columns=("rules", "latest_value", "latest_measured_at", "measurement_count", "stale")),
+            Held("measurements", key=("kpi_id", "version"), blind=True))
     tables = (
         """CREATE TABLE IF NOT EXISTS {schema}.kpis (
             id uuid PRIMARY KEY, name text NOT NULL, description text NOT NULL, unit text NOT NULL,
@@ -78,18 +83,10 @@ def rule_states(rules: list[dict[str, Any]], latest_value: float | None) -> list
     return out
 
 
-def _update_kpi(e: Any, rules: list[dict[str, Any]], has_data: bool, stale: bool, extra_sql: str = "",
-                extra_params: tuple[Any, ...] = ()) -> Statement:
-    """Write the rules back with the KPI's overall state, version and time of change."""
-    state = kpi_state((r["state"] for r in rules), has_data, stale)
-    return (
-        f"UPDATE {{schema}}.kpis SET rules = %s::jsonb, state = %s, version = %s, updated_at = %s{extra_sql} "
-        "WHERE id = %s",
-        (json.dumps(rules), state.value, e.originator_version, e.timestamp, *extra_params, e.originator_id),
-    )
-
-
 class MetricsProjection(Projection[MetricsReadModel]):
+    """The KPIs' rows are held in memory for a batch and measurements inserted in bulk at its
+    end (services.common.batching), so a measurement costs no round trip of its own."""
+
     name = "metrics_view"
 
     @singledispatchmethod
@@ -97,62 +94,84 @@ class MetricsProjection(Projection[MetricsReadModel]):
         """Events the read model does not show still move its position."""
         self.view.apply(tracking)
 
-    def _kpi(self, kpi_id: Any) -> dict[str, Any] | None:
-        rows = self.view.query("SELECT rules, latest_value, latest_measured_at, measurement_count, stale "
-                               "FROM {schema}.kpis WHERE id = %s", (kpi_id,))
-        return rows[0] if rows else None
+    def prefetch(self, events: Sequence[Any]) -> None:
+        """Load the KPIs a batch's events touch, with one statement; and for those with a
+        corrected measurement, the newest measurement (`_newest`), with another."""
+        self.view.rows("kpis").load(e.originator_id for e in events)
+        corrected = {e.originator_id for e in events if isinstance(e, KPI.MeasurementCorrected)}
+        if corrected:
+            newest = self.view.memo("newest")
+            for r in self.view.query(
+                    "SELECT DISTINCT ON (kpi_id) kpi_id, measured_at, version, measurement_id "
+                    "FROM {schema}.measurements WHERE kpi_id = ANY(%s) ORDER BY kpi_id, measured_at DESC, version DESC",
+                    (list(corrected),)):
+                newest[r["kpi_id"]] = (r["measured_at"], r["version"], r["measurement_id"])
+            for kpi_id in corrected:
+                newest.setdefault(kpi_id, None)
 
-    def _restate(self, e: Any, tracking: Tracking, change: Any = None, statements: list[Statement] | None = None,
-                 extra_sql: str = "", extra_params: tuple[Any, ...] = (), stale: bool | None = None) -> None:
+    def _newest(self, kpi_id: Any) -> Any:
+        """The id of the KPI's newest measurement (latest valid time, then latest version): as
+        `prefetch` found it and the batch's measurements since moved it, or read now."""
+        newest = self.view.memo("newest")
+        if kpi_id in newest:
+            return newest[kpi_id] and newest[kpi_id][2]
+        rows = self.view.query("SELECT measurement_id FROM {schema}.measurements WHERE kpi_id = %s "
+                               "ORDER BY measured_at DESC, version DESC LIMIT 1", (kpi_id,))
+        return rows[0]["measurement_id"] if rows else None
+
+    def _kpi(self, kpi_id: Any) -> dict[str, Any] | None:
+        return self.view.rows("kpis").get(kpi_id)
+
+    def _update_kpi(self, e: Any, rules: list[dict[str, Any]], has_data: bool, is_stale: bool, **columns: Any) -> None:
+        """Write the rules back with the KPI's overall state, version and time of change."""
+        state = kpi_state((r["state"] for r in rules), has_data, is_stale)
+        self.view.rows("kpis").update(e.originator_id, rules=rules, state=state.value, version=e.originator_version,
+                                      updated_at=e.timestamp, **columns)
+
+    def _restate(self, e: Any, tracking: Tracking, change: Any = None, statements: Sequence[Statement] = (),
+                 stale: bool | None = None, **columns: Any) -> None:
         """Apply the statements and write the KPI's rules and state back after `change(rules)`."""
-        statements = list(statements or [])
         kpi = self._kpi(e.originator_id)
+        if stale is not None:
+            columns["stale"] = stale
         if kpi is not None:
             rules = kpi["rules"]
             if change is not None:
                 rules = change(rules)
             rules = rule_states(rules, kpi["latest_value"])
-            statements.append(_update_kpi(e, rules, kpi["measurement_count"] > 0,
-                                          kpi["stale"] if stale is None else stale, extra_sql, extra_params))
+            self._update_kpi(e, rules, kpi["measurement_count"] > 0, kpi["stale"] if stale is None else stale,
+                             **columns)
         self.view.apply(tracking, statements)
 
     @process_event.register
     def _(self, e: KPI.Defined, tracking: Tracking) -> None:
         rules = [{**ThresholdRule.from_dict(r).as_dict(), "state": RuleState.ok.value} for r in e.rules]
-        self.view.apply(tracking, [(
-            "INSERT INTO {schema}.kpis (id, name, description, unit, owner_id, unit_id, direction, cadence, "
-            "target, state, latest_value, latest_measured_at, rules, measurement_count, version, created_at, "
-            "updated_at, stale, stale_expected_by, created_by) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'no_data', NULL, NULL, %s::jsonb, 0, %s, %s, %s, "
-            "false, NULL, %s) ON CONFLICT (id) DO NOTHING",
-            (e.originator_id, e.name, e.description, e.unit, e.owner_id, e.unit_id, e.direction,
-             e.cadence, e.target, json.dumps(rules), e.originator_version, e.timestamp, e.timestamp, _actor(e)),
-        )])
+        self.view.rows("kpis").insert(
+            id=e.originator_id, name=e.name, description=e.description, unit=e.unit, owner_id=e.owner_id,
+            unit_id=e.unit_id, direction=e.direction, cadence=e.cadence, target=e.target, state="no_data",
+            latest_value=None, latest_measured_at=None, rules=rules, measurement_count=0,
+            version=e.originator_version, created_at=e.timestamp, updated_at=e.timestamp, stale=False,
+            stale_expected_by=None, created_by=_actor(e))
+        self.view.apply(tracking)
 
     @process_event.register
     def _(self, e: KPI.Measured, tracking: Tracking) -> None:
+        self.view.rows("measurements").insert(
+            kpi_id=e.originator_id, version=e.originator_version, measurement_id=e.measurement_id, value=e.value,
+            measured_at=e.measured_at, source=e.source, recorded_at=e.timestamp, actor=_actor(e))
+        newest = self.view.memo("newest")
+        if e.originator_id in newest and (newest[e.originator_id] is None
+                                          or (e.measured_at, e.originator_version) > newest[e.originator_id][:2]):
+            newest[e.originator_id] = (e.measured_at, e.originator_version, e.measurement_id)
         kpi = self._kpi(e.originator_id)
-        insert = (
-            "INSERT INTO {schema}.measurements (kpi_id, version, measurement_id, value, measured_at, source, "
-            "recorded_at, actor) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING")
-        params: tuple[Any, ...] = (e.originator_id, e.originator_version, e.measurement_id, e.value, e.measured_at,
-                                   e.source, e.timestamp, _actor(e))
-        if kpi is None:
-            self.view.apply(tracking, [(insert, params)])
-            return
-        latest = kpi["latest_measured_at"]
-        is_latest = latest is None or e.measured_at >= latest  # later arrival wins a tie, as in the domain
-        latest_value = e.value if is_latest else kpi["latest_value"]
-        rules = rule_states(kpi["rules"], latest_value)
-        state = kpi_state((r["state"] for r in rules), True, kpi["stale"])
-        # One round trip for both: a measurement and its KPI's new state.
-        self.view.apply(tracking, [(
-            f"WITH m AS ({insert}) "
-            "UPDATE {schema}.kpis SET rules = %s::jsonb, state = %s, version = %s, updated_at = %s, "
-            "latest_value = %s, latest_measured_at = %s, measurement_count = measurement_count + 1 WHERE id = %s",
-            (*params, json.dumps(rules), state.value, e.originator_version, e.timestamp, latest_value,
-             e.measured_at if is_latest else latest, e.originator_id),
-        )])
+        if kpi is not None:
+            latest = kpi["latest_measured_at"]
+            is_latest = latest is None or e.measured_at >= latest  # later arrival wins a tie, as in the domain
+            latest_value = e.value if is_latest else kpi["latest_value"]
+            self._update_kpi(e, rule_states(kpi["rules"], latest_value), True, kpi["stale"],
+                             latest_value=latest_value, latest_measured_at=e.measured_at if is_latest else latest,
+                             measurement_count=kpi["measurement_count"] + 1)
+        self.view.apply(tracking)
 
     @process_event.register
     def _(self, e: KPI.MeasurementCorrected, tracking: Tracking) -> None:
@@ -163,15 +182,10 @@ class MetricsProjection(Projection[MetricsReadModel]):
               e.timestamp, _actor(e))),
             ("UPDATE {schema}.measurements SET value = %s WHERE measurement_id = %s", (e.value, e.measurement_id)),
         ]
-        newest = self.view.query("SELECT measurement_id FROM {schema}.measurements WHERE kpi_id = %s "
-                                 "ORDER BY measured_at DESC, version DESC LIMIT 1", (e.originator_id,))
         kpi = self._kpi(e.originator_id)
-        if kpi is None:
-            self.view.apply(tracking, statements)
-            return
-        latest_value = e.value if newest and newest[0]["measurement_id"] == e.measurement_id else kpi["latest_value"]
-        rules = rule_states(kpi["rules"], latest_value)
-        statements.append(_update_kpi(e, rules, True, kpi["stale"], ", latest_value = %s", (latest_value,)))
+        if kpi is not None:
+            latest_value = e.value if self._newest(e.originator_id) == e.measurement_id else kpi["latest_value"]
+            self._update_kpi(e, rule_states(kpi["rules"], latest_value), True, kpi["stale"], latest_value=latest_value)
         self.view.apply(tracking, statements)
 
     @process_event.register
@@ -184,12 +198,11 @@ class MetricsProjection(Projection[MetricsReadModel]):
 
     @process_event.register
     def _(self, e: KPI.Stale, tracking: Tracking) -> None:
-        self._restate(e, tracking, stale=True, extra_sql=", stale = true, stale_expected_by = %s",
-                      extra_params=(e.expected_by,))
+        self._restate(e, tracking, stale=True, stale_expected_by=e.expected_by)
 
     @process_event.register
     def _(self, e: KPI.Freshened, tracking: Tracking) -> None:
-        self._restate(e, tracking, stale=False, extra_sql=", stale = false, stale_expected_by = NULL")
+        self._restate(e, tracking, stale=False, stale_expected_by=None)
 
     @process_event.register
     def _(self, e: KPI.TargetChanged, tracking: Tracking) -> None:
