@@ -17,6 +17,7 @@ import contextvars
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
-from services.common.recorder import UnpipelinedInsert
+from services.common.recorder import BatchSave, Refused, UnpipelinedInsert
 
 TABLE = "idempotency_keys"
 
@@ -118,6 +119,79 @@ class IdempotentRecorder(UnpipelinedInsert):
             curs.execute(SQL("UPDATE {} SET position = %s WHERE subject = %s AND key = %s").format(self.keys_table),
                          (max(ids), claim.subject, claim.key))
         return ids
+
+    # The fast way of a batch (`UnpipelinedInsert._batch_statements`): its keys in one INSERT,
+    # their positions in one UPDATE.
+
+    def _claim_batch(self, curs: Cursor[DictRow], saves: Sequence[BatchSave]) -> None:
+        """Insert every key of the batch at once (a key twice in it, once); note the keys found
+        taken by another transaction. A key stays only if a save admitted holds it (see
+        `_after_insert_batch`)."""
+        super()._claim_batch(curs, saves)
+        self._batch_taken: set[tuple[str, str]] = set()
+        self._batch_inserted: set[tuple[str, str]] = set()
+        rows: dict[tuple[str, str], tuple[Any, ...]] = {}
+        for save in saves:
+            record = save.kwargs.get("idempotency")
+            if record is not None:
+                claim, aggregate_id, version = record
+                rows.setdefault((claim.subject, claim.key), (claim.request_hash, aggregate_id, version))
+        if not rows:
+            return
+        keys = list(rows)
+        curs.execute(SQL(
+            "INSERT INTO {} (subject, key, request_hash, aggregate_id, aggregate_version) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::uuid[], %s::bigint[]) "
+            "ON CONFLICT DO NOTHING RETURNING subject, key").format(self.keys_table),
+            ([k[0] for k in keys], [k[1] for k in keys], [rows[k][0] for k in keys], [rows[k][1] for k in keys],
+             [rows[k][2] for k in keys]))
+        self._batch_inserted = {(row["subject"], row["key"]) for row in curs.fetchall()}
+        self._batch_taken = set(keys) - self._batch_inserted
+
+    def _admit(self, save: BatchSave, admitted: Sequence[BatchSave]) -> None:
+        """KeyTaken, as save by save, if another transaction holds the key or a save admitted
+        before this one in the batch does."""
+        super()._admit(save, admitted)
+        record = save.kwargs.get("idempotency")
+        if record is None:
+            return
+        claim = record[0]
+        key = (claim.subject, claim.key)
+        if key in self._batch_taken or any(
+                (a := other.kwargs.get("idempotency")) is not None and (a[0].subject, a[0].key) == key
+                for other in admitted):
+            raise Refused(KeyTaken(claim.key))
+
+    def _insert_events_batch(self, curs: Cursor[DictRow], admitted: Sequence[BatchSave]) -> None:
+        # The keys are in (`_claim_batch`); the other hooks, save by save.
+        for save in admitted:
+            super()._insert_events(curs, save.stored_events, **save.kwargs)
+
+    def _after_insert_batch(self, curs: Cursor[DictRow], admitted: Sequence[BatchSave]) -> None:
+        """Each admitted key gets its save's answer and last position (one UPDATE); a key
+        inserted for a save that was not admitted goes again, as its savepoint would have."""
+        super()._after_insert_batch(curs, admitted)
+        answers: dict[tuple[str, str], tuple[Any, ...]] = {}
+        for save in admitted:
+            record = save.kwargs.get("idempotency")
+            if record is not None:
+                claim, aggregate_id, version = record
+                answers[(claim.subject, claim.key)] = (claim.request_hash, aggregate_id, version,
+                                                       max(save.result) if save.result else None)
+        if answers:
+            keys = list(answers)
+            curs.execute(SQL(
+                "UPDATE {} k SET request_hash = n.request_hash, aggregate_id = n.aggregate_id, "
+                "aggregate_version = n.version, position = n.position "
+                "FROM unnest(%s::text[], %s::text[], %s::text[], %s::uuid[], %s::bigint[], %s::bigint[]) "
+                "AS n(subject, key, request_hash, aggregate_id, version, position) "
+                "WHERE k.subject = n.subject AND k.key = n.key").format(self.keys_table),
+                ([k[0] for k in keys], [k[1] for k in keys], *([answers[k][i] for k in keys] for i in range(4))))
+        unheld = self._batch_inserted - set(answers)
+        if unheld:
+            curs.execute(SQL("DELETE FROM {} k USING unnest(%s::text[], %s::text[]) AS n(subject, key) "
+                             "WHERE k.subject = n.subject AND k.key = n.key").format(self.keys_table),
+                         ([k[0] for k in unheld], [k[1] for k in unheld]))
 
     def stored_answer(self, subject: str, key: str) -> StoredAnswer | None:
         """The answer recorded for a key, with the log position of the write it names."""

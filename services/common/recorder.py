@@ -13,6 +13,13 @@ statement is written in full before its answer is read, so there is nothing to d
 statements and their order are the library's own; only the pipelining is gone, at the cost of
 a few local round trips per save.
 
+A batch of several saves is first tried the fast way (`_batch_statements`): the lock once, one
+query for every save's taken versions, the hooks' statements for the whole batch
+(`_claim_batch`, `_admit`, `_insert_events_batch`, `_after_insert_batch`: a recorder says
+what its saves add, and may batch it), one NOTIFY, one INSERT of all the admitted saves'
+events, one chain append. A few statements for the batch, each sent in full, still no pipeline
+mode. Anything failing there unexpectedly sends the batch save by save (`_save_statements`).
+
 It also keeps the log's hash chain (`services.common.hashchain`): after the INSERT, still under
 the library's table lock and in the same transaction, one more statement chains the save's events
 onto the head of `<schema>.<app>_event_chain`. The chain table is created with the log (and a
@@ -25,10 +32,10 @@ import logging
 import os
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 from eventsourcing.persistence import IntegrityError, StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder
 from eventsourcing.utils import retry
 from psycopg import Cursor, InterfaceError, OperationalError
 from psycopg.rows import DictRow
@@ -39,6 +46,23 @@ from services.common.hashchain import HashChain
 from services.common.telemetry import traced_append
 
 log = logging.getLogger(__name__)
+
+
+class BatchSave(Protocol):
+    """One save of a batch, as the group commit hands it over (`groupcommit._Save`)."""
+
+    stored_events: Sequence[StoredEvent]
+    kwargs: dict[str, Any]
+    result: Sequence[int] | None
+    error: BaseException | None
+
+
+class Refused(Exception):
+    """Raised by `_admit`: the save fails alone with `error`, before any of its statements."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
 
 
 class UnpipelinedInsert(PostgresApplicationRecorder):
@@ -70,9 +94,26 @@ class UnpipelinedInsert(PostgresApplicationRecorder):
     @cached_property
     def group_commit(self) -> GroupCommitter:
         return GroupCommitter(f"{self.datastore.schema}.{self.events_table_name}", self.datastore.get_connection,
-                              self._save_statements,
+                              self._save_statements, batch_statements=self._batch_statements,
+                              begin=self._begin_batch, repair=self._give_back_ids,
                               max_batch=int(os.environ.get("TANDEM_GROUP_COMMIT_MAX_BATCH", "64")),
                               max_wait=float(os.environ.get("TANDEM_GROUP_COMMIT_MAX_WAIT_MS", "2")) / 1000)
+
+    def _begin_batch(self, curs: Cursor[DictRow], saves: Sequence[BatchSave]) -> bool:
+        """The log's lock, first in a batch that appends anything: held to its commit."""
+        if not any(s.stored_events for s in saves):
+            return False
+        self._lock_table(curs)
+        return True
+
+    def _give_back_ids(self, curs: Cursor[DictRow]) -> None:
+        """After a rolled-back INSERT, under the lock: the sequence back to the log's last id, so
+        that the ids the INSERT drew (a sequence is not transactional) are handed out again and
+        the log has no gap. Safe only under the lock: nobody else draws ids meanwhile."""
+        curs.execute(SQL("SELECT setval(pg_get_serial_sequence(%s, 'notification_id'), "
+                         "coalesce((SELECT max(notification_id) FROM {}.{}), 0) + 1, false)").format(
+                             Identifier(self.datastore.schema), Identifier(self.events_table_name)),
+                     (f'"{self.datastore.schema}"."{self.events_table_name}"',))
 
     def _refuse_taken_versions(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent]) -> None:
         """IntegrityError, as the INSERT would raise, if another save has taken one of these
@@ -92,13 +133,14 @@ class UnpipelinedInsert(PostgresApplicationRecorder):
     def _save_statements(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent],
                          kwargs: dict[str, Any]) -> Sequence[int] | None:
         """One save's statements, inside the batch's transaction."""
-        # The hooks first (an idempotency key, a tracking position), as the library orders them.
+        # The hooks first (an idempotency key, a tracking position), as the library orders them
+        # (after the log's lock, taken at the batch's start: a twin's key is only ever held by a
+        # transaction that holds the lock, so waiting for it cannot deadlock).
         self._insert_events(curs, stored_events, **kwargs)
         if not stored_events:
             return None
-        # Lock the log (held from the batch's first save on); a lost race is refused before the
-        # INSERT, so that it takes no notification id: the log has no gaps.
-        self._lock_table(curs)
+        # The log is locked (from the batch's start, `_begin_batch`); a lost race is refused
+        # before the INSERT, so that it takes no notification id: the log has no gaps.
         self._refuse_taken_versions(curs, stored_events)
         # NOTIFY, INSERT ... RETURNING notification_id: the last result on `curs`.
         self._insert_stored_events(curs, stored_events, **kwargs)
@@ -106,3 +148,83 @@ class UnpipelinedInsert(PostgresApplicationRecorder):
         # Still under the lock: the chain's order is the log's.
         self.hash_chain.append(curs, stored_events, ids or ())
         return ids
+
+    # The fast way: a batch's statements, a few for all its saves.
+
+    def _batch_statements(self, curs: Cursor[DictRow], saves: Sequence[BatchSave]) -> None:
+        """The batch's statements, inside its transaction: sets each save's `result`, or its
+        `error` when it fails alone (a lost race, a key taken); raises if anything else fails."""
+        # Under the log's lock (`_begin_batch`): what the checks below see stays true to the commit.
+        taken = self._taken_versions(curs, [e for s in saves for e in s.stored_events])
+        self._claim_batch(curs, saves)
+        # Each save in turn, as save by save: its hooks' refusals first, then a version taken,
+        # in the log or by a save admitted before it in this batch.
+        admitted: list[BatchSave] = []
+        for save in saves:
+            try:
+                self._admit(save, admitted)
+            except Refused as refused:
+                save.error = refused.error
+                continue
+            versions = {(str(e.originator_id), e.originator_version) for e in save.stored_events}
+            lost = versions & taken
+            if lost:
+                originator_id, version = min(lost)
+                save.error = IntegrityError(f"version {version} of {originator_id} is recorded already")
+                continue
+            taken |= versions
+            admitted.append(save)
+        self._insert_events_batch(curs, admitted)
+        events = [e for s in admitted for e in s.stored_events]
+        ids: list[int] = []
+        if events:
+            self._notify_channel(curs)
+            self._insert_stored_events_only(curs, events)
+            # One INSERT ... SELECT FROM unnest: the ids are handed out in the order of its rows.
+            ids = sorted(self._fetch_ids_after_insert(curs, events))
+            self.hash_chain.append(curs, events, ids)
+        start = 0
+        for save in admitted:
+            count = len(save.stored_events)
+            save.result = ids[start:start + count] if count else None
+            start += count
+        self._after_insert_batch(curs, admitted)
+
+    def _taken_versions(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent]) -> set[tuple[str, int]]:
+        """Which of these (originator id, version) pairs the log has already."""
+        if not stored_events:
+            return set()
+        curs.execute(SQL("SELECT e.originator_id, e.originator_version FROM {}.{} e "
+                         "JOIN unnest(%s::{}[], %s::bigint[]) AS n(id, version) "
+                         "ON e.originator_id = n.id AND e.originator_version = n.version").format(
+                             Identifier(self.datastore.schema), Identifier(self.events_table_name),
+                             SQL("uuid" if self.datastore.originator_id_type == "uuid" else "text")),
+                     ([e.originator_id for e in stored_events], [e.originator_version for e in stored_events]))
+        return {(str(row["originator_id"]), row["originator_version"]) for row in curs.fetchall()}
+
+    def _insert_stored_events_only(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent]) -> None:
+        # The library's INSERT (the application recorder's own adds the lock and NOTIFY, sent once here).
+        PostgresAggregateRecorder._insert_stored_events(self, curs, stored_events)
+
+    def _fetch_ids_after_insert(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent]) -> list[int]:
+        ids = list(PostgresApplicationRecorder._fetch_ids_after_insert_events(self, curs, stored_events) or ())
+        if len(ids) != len(stored_events):
+            raise RuntimeError(f"{len(stored_events)} events inserted, {len(ids)} ids returned")
+        return ids
+
+    # The hooks of the fast way. By default a save adds what `_insert_events` adds, one save at
+    # a time; a recorder overrides them to batch its own.
+
+    def _claim_batch(self, curs: Cursor[DictRow], saves: Sequence[BatchSave]) -> None:
+        """Statements for the whole batch before any save is admitted (under the lock)."""
+
+    def _admit(self, save: BatchSave, admitted: Sequence[BatchSave]) -> None:
+        """Raise `Refused` if this save fails alone (checked before its versions are)."""
+
+    def _insert_events_batch(self, curs: Cursor[DictRow], admitted: Sequence[BatchSave]) -> None:
+        """The admitted saves' hook statements, before their events."""
+        for save in admitted:
+            self._insert_events(curs, save.stored_events, **save.kwargs)
+
+    def _after_insert_batch(self, curs: Cursor[DictRow], admitted: Sequence[BatchSave]) -> None:
+        """After the events and their chain links; each admitted save has its `result`."""
