@@ -51,6 +51,23 @@ log = logging.getLogger(__name__)
 _CREATED_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS \{schema\}\.(\w+)")
 
 
+def refresh_tracking_state(recorder: Any, curs: Any) -> None:
+    """Call holding the lock that serialises a tracking table's creation. The library looked at
+    the tracking table before this transaction: another process (a second replica starting
+    beside this one) may have created it and recorded its migration row while this one waited
+    for the lock. Inserting that row again would fail the start-up, so the recorder decides from
+    what is there now."""
+    table = f"{recorder.datastore.schema}.{recorder.tracking_table_name}"
+    curs.execute("SELECT to_regclass(%s) AS t", (table,))
+    if curs.fetchone()["t"] is not None:
+        curs.execute(SQL("SELECT max(notification_id) AS m FROM {}.{} WHERE application_name = %s").format(
+            Identifier(recorder.datastore.schema), Identifier(recorder.tracking_table_name)),
+            (recorder.table_migration_identifier,))
+        migrated = curs.fetchone()["m"]
+        recorder.tracking_table_exists = True
+        recorder.tracking_migration_previous = recorder.tracking_migration_current = migrated
+
+
 class ReadModel(PostgresTrackingRecorder):
     """A tracking recorder that also owns the projection's tables.
 
@@ -114,17 +131,7 @@ class ReadModel(PostgresTrackingRecorder):
             if curs.fetchone()["t"] is not None:
                 curs.execute(SQL("DELETE FROM {}.{} WHERE application_name <> %s").format(
                     Identifier(self.schema), Identifier(self.tracking_table_name)), (self.table_migration_identifier,))
-        # The library looked at the tracking table before this transaction: another process
-        # (a second replica starting beside this one) may have created it and recorded its
-        # migration row while this one waited for the lock. Inserting that row again would fail
-        # the start-up, so it decides from what is there now.
-        curs.execute("SELECT to_regclass(%s) AS t", (f"{self.schema}.{self.tracking_table_name}",))
-        if curs.fetchone()["t"] is not None:
-            curs.execute(SQL("SELECT max(notification_id) AS m FROM {}.{} WHERE application_name = %s").format(
-                Identifier(self.schema), Identifier(self.tracking_table_name)), (self.table_migration_identifier,))
-            migrated = curs.fetchone()["m"]
-            self.tracking_table_exists = True
-            self.tracking_migration_previous = self.tracking_migration_current = migrated
+        refresh_tracking_state(self, curs)
         super()._create_table(curs)
         curs.execute(SQL("INSERT INTO {} VALUES (%s, %s) ON CONFLICT (tracking_table) DO UPDATE "
                          "SET fingerprint = EXCLUDED.fingerprint").format(fingerprints),
@@ -328,6 +335,13 @@ class AnnouncingProcessRecorder(UnpipelinedInsert, PostgresProcessRecorder):
     def __init__(self, datastore: Any, **kwargs: Any) -> None:
         super().__init__(datastore, **kwargs)
         self.tracking_channel = projection_channel(f"{self.datastore.schema}.{self.tracking_table_name}")
+
+    def _create_table(self, curs: Any) -> None:
+        """The write side and this policy's recorder of one log (on one or more replicas)
+        create their tables in turns (the chain's creation lock), each deciding under it."""
+        self.hash_chain.serialise_creation(curs)
+        refresh_tracking_state(self, curs)
+        super()._create_table(curs)
 
     def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
         super()._insert_events(curs, stored_events, **kwargs)

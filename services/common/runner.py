@@ -34,6 +34,9 @@ from services.common.telemetry import logging_config, setup_telemetry, shutdown_
 
 log = logging.getLogger(__name__)
 
+KEEP_ALIVE_SECONDS = 30
+"""How long an idle HTTP connection stays open: longer than clients keep theirs (httpx, 5 s)."""
+
 
 def create_runner_app(settings: ServiceSettings, projections: Sequence[ProjectionSpec]) -> FastAPI:
     """An app that runs the service's projection runners and answers only `/healthz` and
@@ -115,10 +118,12 @@ def serve(settings_class: type[ServiceSettings], create_api: Callable[[Any], Fas
     args = parser.parse_args(argv)
     settings = settings_class(run_api=False) if args.projections_only else settings_class()
     if settings.run_api:
+        # Idle connections are kept longer than clients keep theirs (httpx: 5 s), so a client
+        # never sends on a connection the server is closing at that moment (a reset mid-request).
         uvicorn.run(create_api(settings), host=settings.host, port=settings.port, log_level="info",
-                    log_config=_log_config(settings))
+                    log_config=_log_config(settings), timeout_keep_alive=KEEP_ALIVE_SECONDS)
         return
     if not settings.run_projections:
         parser.error("TANDEM_RUN_API=false with TANDEM_RUN_PROJECTIONS=false leaves nothing to run")
     uvicorn.run(create_runner_app(settings, projections(settings)), host=settings.host, port=settings.port,
-                log_level="info", log_config=_log_config(settings))
+                log_level="info", log_config=_log_config(settings), timeout_keep_alive=KEEP_ALIVE_SECONDS)
