@@ -58,7 +58,7 @@ from psycopg.sql import SQL, Identifier
 
 from services.common.database import ensure_schema, eventsourcing_env
 from services.common.eventstore import CommandContext, in_context
-from services.common.hashchain import HashChain
+from services.common.hashchain import HashChain, rechain
 from services.common.replay import ReadModelSource, checksum, drop_schema, open_log, open_view, replay
 from services.goals.domain import (
     Cycle,
@@ -239,7 +239,7 @@ def generate(database_url: str, events: int, *, shape: Shape | None = None, seed
                         print(f"  goals log: {goals.position:,} events "
                               f"({time.perf_counter() - started:.1f} s)", file=out, flush=True)
                 for _, schema, table in LOGS:
-                    _chain(conn, schema, table)
+                    rechain(conn, schema, table)
             if out:
                 print(f"  chained ({time.perf_counter() - started:.1f} s)", file=out, flush=True)
         with psycopg.connect(database_url, autocommit=True) as conn:
@@ -254,18 +254,6 @@ def generate(database_url: str, events: int, *, shape: Shape | None = None, seed
                      types={"goals": dict(goals.types), "metrics": dict(metrics.types)},
                      seconds=time.perf_counter() - started, key_results=len(org.key_results),
                      objectives=len(org.objectives), people=len(org.people), kpis=len(org.kpis))
-
-
-def _chain(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
-    """Set the log's sequence past the copied positions and chain it from scratch, as an import
-    does: the empty chain table the application created is dropped and `create` fills it."""
-    conn.execute(SQL("SELECT setval(pg_get_serial_sequence(%s, 'notification_id'), "
-                     "greatest((SELECT max(notification_id) FROM {}.{}), 1))").format(
-        Identifier(schema), Identifier(table)), (f"{schema}.{table}",))
-    chain = HashChain(schema, table)
-    conn.execute(SQL("DROP TABLE {}.{}").format(Identifier(schema), Identifier(chain.table)))
-    with conn.cursor() as cur:
-        chain.create(cur)
 
 
 class _Org:

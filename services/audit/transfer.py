@@ -30,7 +30,7 @@ from psycopg.sql import SQL, Identifier
 from services.audit import SERVICE_LOGS, read_model_sources
 from services.audit.database import connect_database
 from services.common.database import ensure_schema, eventsourcing_env
-from services.common.hashchain import HashChain
+from services.common.hashchain import HashChain, rechain
 from services.common.replay import checksum, replay
 from services.common.settings import DATA_DIR
 
@@ -159,15 +159,7 @@ def import_file(database_url: str, lines: IO[str]) -> dict[str, int]:
             if counts[name] != expected.get("events", 0):
                 raise ImportRefused(f"the {name} log has {counts[name]} events, the header says "
                                     f"{expected.get('events', 0)}")
-            conn.execute(SQL("SELECT setval(pg_get_serial_sequence(%s, 'notification_id'), "
-                             "greatest((SELECT max(notification_id) FROM {}.{}), 1))").format(
-                Identifier(schema), Identifier(table)), (f"{schema}.{table}",))
-            chain = HashChain(schema, table)
-            conn.execute(SQL("DROP TABLE {}.{}").format(Identifier(schema), Identifier(chain.table)))
-            with conn.cursor() as curs:
-                chain.create(curs)
-                head = curs.execute(chain.head_statement).fetchone()
-            reached = bytes(head[1]).hex() if head else None
+            reached = rechain(conn, schema, table)
             if reached != expected.get("chainHead"):
                 raise ImportRefused(f"the {name} log's chain ends at {reached}, the file says "
                                     f"{expected.get('chainHead')}: the file was altered")

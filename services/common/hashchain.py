@@ -312,3 +312,19 @@ def _walk(log: str, events: Iterator[tuple[Any, ...]], links: Iterator[tuple[Any
 def _describe(event: tuple[Any, ...]) -> str:
     topic = str(event[3] or "")
     return f"{topic.partition(':')[2] or topic} of {event[1]} v{event[2]}"
+
+
+def rechain(conn: psycopg.Connection[Any], schema: str, events_table: str) -> str | None:
+    """For a log whose rows were copied in at their positions (an import, a benchmark's load):
+    set its notification id sequence past them, drop the (empty) chain and chain the log from
+    scratch. Returns the head's chain hash (hex), None for an empty log."""
+    conn.execute(SQL("SELECT setval(pg_get_serial_sequence(%s, 'notification_id'), "
+                     "greatest((SELECT max(notification_id) FROM {}.{}), 1))").format(
+        Identifier(schema), Identifier(events_table)), (f"{schema}.{events_table}",))
+    chain = HashChain(schema, events_table)
+    conn.execute(SQL("DROP TABLE {}.{}").format(Identifier(schema), Identifier(chain.table)))
+    with conn.cursor() as curs:
+        chain.create(curs)
+        head = curs.execute(chain.head_statement).fetchone()
+    return bytes(head[1]).hex() if head else None
+

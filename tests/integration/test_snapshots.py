@@ -86,16 +86,21 @@ def assert_same(expected: Any, actual: Any, *, but: tuple[str, ...] = (), path: 
         assert actual == expected, f"{path}: {actual!r} != {expected!r}"
 
 
+def key_result_in_a_year(app: Goals, name: str, title: str) -> UUID:
+    """A company of its own with the year 2026 open, an objective, and an increase-to key result
+    (0 -> 1000) in it: a key result ready for check-ins."""
+    unit = app.create_unit(name=name, kind=UnitKind.company, parent_id=None).id
+    cycle = app.create_cycle(name="2026", starts_on=date(2026, 1, 1), ends_on=date(2026, 12, 31), activate=True).id
+    objective = app.create_objective(title="Grow", description="", owner_kind=OwnerKind.unit, owner_id=unit,
+                                     unit_id=unit, cycle_id=cycle, parent_id=None).id
+    return app.add_key_result(objective_id=objective, title=title, kind=KeyResultKind.increase_to, start=0,
+                              target=1000, low=None, high=None, milestones=[], unit="", weight=1, owner_id=None).id
+
+
 def test_a_long_key_result_loads_from_its_latest_snapshot(url: str) -> None:
     app = Goals(env=eventsourcing_env(url, "goals"))
     try:
-        unit = app.create_unit(name="Acme", kind=UnitKind.company, parent_id=None).id
-        cycle = app.create_cycle(name="2026", starts_on=date(2026, 1, 1), ends_on=date(2026, 12, 31),
-                                 activate=True).id
-        objective = app.create_objective(title="Grow", description="", owner_kind=OwnerKind.unit, owner_id=unit,
-                                         unit_id=unit, cycle_id=cycle, parent_id=None).id
-        kr = app.add_key_result(objective_id=objective, title="Revenue", kind=KeyResultKind.increase_to, start=0,
-                                target=1000, low=None, high=None, milestones=[], unit="", weight=1, owner_id=None).id
+        kr = key_result_in_a_year(app, "Acme", "Revenue")
         for n in range(int(2.5 * SNAPSHOT_EVERY)):
             app.check_in(kr, value=n, confidence=5, note="", valid_on=date(2026, 1, 1) + timedelta(days=n % 300),
                          expected_version=None)
@@ -137,14 +142,7 @@ def test_a_save_of_many_events_takes_one_snapshot(url: str) -> None:
     """Crossing three intervals in one save: one snapshot, of the aggregate as saved."""
     app = Goals(env=eventsourcing_env(url, "goals"))
     try:
-        unit = app.create_unit(name="Bulk", kind=UnitKind.company, parent_id=None).id
-        cycle = app.create_cycle(name="2026", starts_on=date(2026, 1, 1), ends_on=date(2026, 12, 31),
-                                 activate=True).id
-        objective = app.create_objective(title="Grow", description="", owner_kind=OwnerKind.unit, owner_id=unit,
-                                         unit_id=unit, cycle_id=cycle, parent_id=None).id
-        kr_id = app.add_key_result(objective_id=objective, title="Orders", kind=KeyResultKind.increase_to, start=0,
-                                   target=1000, low=None, high=None, milestones=[], unit="", weight=1,
-                                   owner_id=None).id
+        kr_id = key_result_in_a_year(app, "Bulk", "Orders")
         kr = app.get_key_result(kr_id)
         for n in range(3 * SNAPSHOT_EVERY + 5):
             kr.check_in(value=n, confidence=None, note="", valid_on=date(2026, 2, 1))
