@@ -91,9 +91,11 @@ class Goals(TandemApplication):
         super().register_snapshot_transcodings(transcoder)
         register_goals_state(transcoder)
 
-    def _load(self, cls: type, aggregate_id: UUID):  # noqa: ANN202
-        """The aggregate a path names; AggregateNotFoundError (404) if it is not one of `cls`."""
-        aggregate = self.repository.get(aggregate_id)
+    def _load(self, cls: type, aggregate_id: UUID, *, read_only: bool = False):  # noqa: ANN202
+        """The aggregate a path names; AggregateNotFoundError (404) if it is not one of `cls`.
+        `read_only`: the cached instance itself rather than a copy, for a command that only
+        looks at it (never changes or saves it)."""
+        aggregate = self.repository.get(aggregate_id, deepcopy_from_cache=not read_only)
         if not isinstance(aggregate, cls):
             raise AggregateNotFoundError(aggregate_id)
         return aggregate
@@ -740,8 +742,8 @@ class Goals(TandemApplication):
 
     def _refuse_if_frozen(self, kr: KeyResult) -> None:
         """A key result moves only while its objective is open and its cycle is not closed."""
-        objective = self.get_objective(kr.objective_id)
-        reason = key_result_frozen(objective, self.get_cycle(objective.cycle_id))
+        objective = self._load(Objective, kr.objective_id, read_only=True)
+        reason = key_result_frozen(objective, self._load(Cycle, objective.cycle_id, read_only=True))
         if reason is not None:
             raise DomainError(reason)
 
