@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -67,6 +69,18 @@ def ensure_schema(database_url: str, schema: str) -> None:
     """Create the service's own schema; a service never creates another's."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{check_identifier(schema)}"')
+
+
+@contextmanager
+def creating_tables(database_url: str, schema: str) -> Iterator[None]:
+    """Replicas of a service starting together create its tables in turns: each CREATE ... IF
+    NOT EXISTS of one replica can still collide in the catalogue with the other's (a table's row
+    type "already exists"), and the library decides some things (a tracking table's migration)
+    before its own transaction. A session advisory lock, held while the block runs, released
+    when it ends or the process dies."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"tandem.create-tables {schema}",))
+        yield
 
 
 async def create_pool(database_url: str, schema: str, size: int = 10) -> asyncpg.Pool:

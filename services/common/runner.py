@@ -45,9 +45,9 @@ def create_runner_app(settings: ServiceSettings, projections: Sequence[Projectio
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(database.ensure_schema, settings.database_url, settings.schema_name)
-        for spec in projections:
-            await asyncio.to_thread(spec.create_tables, settings.database_url)
+        from services.common.web import create_tables  # as the API does; the rest of web is not needed here
+
+        await asyncio.to_thread(create_tables, settings, projections)
         app.state.pool = await database.create_pool(settings.database_url, settings.schema_name, 2)
         threads = start_runners(projections, settings.database_url)
         app.state.projection_threads = threads

@@ -120,12 +120,7 @@ def create_service_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(database.ensure_schema, settings.database_url, settings.schema_name)
-        for spec in projections:
-            await asyncio.to_thread(spec.create_tables, settings.database_url)
-        if application_class is not None:
-            env = database.eventsourcing_env(settings.database_url, settings.schema_name)
-            app.state.application = await asyncio.to_thread(application_class, env)
+        await asyncio.to_thread(create_tables, settings, projections, application_class, app)
         app.state.pool = await database.create_pool(
             settings.database_url, settings.schema_name, settings.database_pool_size
         )
@@ -204,6 +199,19 @@ async def projection_lags(pool: asyncpg.Pool, threads: Sequence[ProjectionThread
         lags[f"lag:{t.lock_key}"] = max(head - position, 0)
         ok = ok and lags[f"lag:{t.lock_key}"] <= max_lag
     return ok, lags
+
+
+def create_tables(settings: ServiceSettings, projections: Sequence[ProjectionSpec],
+                  application_class: type[TandemApplication] | None = None, app: FastAPI | None = None) -> None:
+    """The service's schema and tables (read models, tracking, its log and snapshots through
+    its write side, built here as `app.state.application`), one replica at a time."""
+    with database.creating_tables(settings.database_url, settings.schema_name):
+        database.ensure_schema(settings.database_url, settings.schema_name)
+        for spec in projections:
+            spec.create_tables(settings.database_url)
+        if application_class is not None and app is not None:
+            env = database.eventsourcing_env(settings.database_url, settings.schema_name)
+            app.state.application = application_class(env)
 
 
 async def get_pool(request: Request) -> asyncpg.Pool:
