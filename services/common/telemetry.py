@@ -196,8 +196,11 @@ def setup_telemetry(app: FastAPI, settings: ServiceSettings) -> None:
         if span.is_recording():
             span.set_attribute("tandem.service", service)
 
+    # No spans for the ASGI receive and send messages: two or more a request that say nothing
+    # the request's own span does not, and cost CPU on every write.
     FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, meter_provider=_meter_provider,
-                                       excluded_urls="healthz,readyz", server_request_hook=mark_service)
+                                       excluded_urls="healthz,readyz", server_request_hook=mark_service,
+                                       exclude_spans=["receive", "send"])
     app.state.tracer_provider = provider
     _apps.add(app)
 
