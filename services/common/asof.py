@@ -167,10 +167,16 @@ class AsOfViews:
         for source in self.sources:
             replay(source, self.database_url, schema, keep=instant.keep)
 
+    @classmethod
+    def create_registry(cls, database_url: str, schema: str) -> None:
+        """The table of a service's as-of schemas and when each was last read; created with the
+        service's other tables at start-up (one replica at a time), not on a read."""
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {check_identifier(schema)}.{cls.REGISTRY} "
+                         "(schema_name text PRIMARY KEY, last_used timestamptz NOT NULL)")
+
     def _register(self, schema: str) -> None:
         with psycopg.connect(self.database_url, autocommit=True) as conn:
-            conn.execute(f"CREATE TABLE IF NOT EXISTS {self.schema}.{self.REGISTRY} "
-                         "(schema_name text PRIMARY KEY, last_used timestamptz NOT NULL)")
             conn.execute(f"INSERT INTO {self.schema}.{self.REGISTRY} VALUES (%s, now()) "
                          "ON CONFLICT (schema_name) DO UPDATE SET last_used = now()", (schema,))
 
@@ -188,8 +194,6 @@ class AsOfViews:
     def sweep(self, unused_for: str = "1 day") -> None:
         """Drop the as-of schemas nobody has read for a while (left by stopped processes)."""
         with psycopg.connect(self.database_url, autocommit=True) as conn:
-            if conn.execute("SELECT to_regclass(%s)", (f"{self.schema}.{self.REGISTRY}",)).fetchone()[0] is None:
-                return
             stale = [r[0] for r in conn.execute(
                 f"SELECT schema_name FROM {self.schema}.{self.REGISTRY} WHERE last_used < now() - %s::interval",
                 (unused_for,))]

@@ -207,6 +207,7 @@ def create_tables(settings: ServiceSettings, projections: Sequence[ProjectionSpe
     its write side, built here as `app.state.application`), one replica at a time."""
     with database.creating_tables(settings.database_url, settings.schema_name):
         database.ensure_schema(settings.database_url, settings.schema_name)
+        AsOfViews.create_registry(settings.database_url, settings.schema_name)
         for spec in projections:
             spec.create_tables(settings.database_url)
         if application_class is not None and app is not None:
