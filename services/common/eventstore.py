@@ -31,6 +31,7 @@ from eventsourcing.persistence import (
     Transcoding,
     UUIDAsHex,
 )
+from psycopg.sql import SQL, Identifier
 from starlette.concurrency import run_in_threadpool
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
@@ -185,8 +186,20 @@ class TandemApplication(SnapshottingApplication):
             try:
                 snapshot_class = getattr(type(aggregate), "Snapshot", type(self).snapshot_class)
                 self.snapshots.put([snapshot_class.take(aggregate)])
+                self._prune_snapshots(aggregate_id, aggregate.version)
             except Exception:  # noqa: BLE001 - a missing snapshot costs a longer replay, nothing else
                 log.warning("no snapshot of %s at version %s", aggregate_id, aggregate.version, exc_info=True)
+
+    def _prune_snapshots(self, aggregate_id: uuid.UUID, version: int) -> None:
+        """Delete the aggregate's snapshots older than the one just taken. Loading only ever
+        starts from the latest, and a KPI's snapshot holds its whole series, so keeping them all
+        would store a long history over and over. A read of an older version (`get(id,
+        version=n)`) replays from the start instead: the events, not snapshots, are the record."""
+        recorder = self.snapshots.recorder  # type: ignore[union-attr]
+        statement = SQL("DELETE FROM {}.{} WHERE originator_id = %s AND originator_version < %s").format(
+            Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
+        with recorder.datastore.transaction(commit=True) as cursor:
+            cursor.execute(statement, (aggregate_id, version))
 
     def answer_once(self, claim: IdempotencyClaim, command: Callable[..., Written], *args: Any,
                     **kwargs: Any) -> tuple[Written, StoredAnswer | None]:
