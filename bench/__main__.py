@@ -131,7 +131,11 @@ async def bench(args: argparse.Namespace, stack: Stack, database_url: str, token
     shape = Shape.at(args.scale)
     print(f"Building the organisation at scale {args.scale} through the REST APIs "
           f"({args.concurrency} requests at a time) ...", flush=True)
-    builder = Builder(stack.url("goals"), stack.url("metrics"), token, concurrency=args.concurrency)
+    # The org units go in over SCIM /Bulk, the HR system's channel (bench.org).
+    scim_token = mint_token(secret=os.environ.get("TANDEM_JWT_SECRET") or dev_secret(), role="hr_sync",
+                            subject="bench-hr")
+    builder = Builder(stack.url("goals"), stack.url("metrics"), token, concurrency=args.concurrency,
+                      scim_token=scim_token)
     try:
         org = await builder.build(shape)
     finally:
@@ -213,7 +217,8 @@ def run_writes(args: argparse.Namespace, server_url: str, recorder: Recorder) ->
         plot = results_path(Path(args.results_dir)).with_name(
             "throughput-" + results_path(Path(args.results_dir)).stem + ".png")
         write_throughput_plot(plot, [r.clients for r in result.rest], [r.per_second for r in result.rest],
-                              [r.per_second for r in result.raw])
+                              [r.per_second for r in result.raw],
+                              rest_apart=[r.per_second for r in result.apart.rest] if result.apart else None)
         print(f"Plot written to {plot}.")
         if args.profile:
             from bench.writes import profile_check_ins

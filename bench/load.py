@@ -42,20 +42,23 @@ class Served:
 
 @contextmanager
 def served(service: str, database_url: str, *, telemetry: str = "none", extra_env: dict[str, str] | None = None,
-           timeout: float = 90) -> Iterator[Served]:
+           timeout: float = 90, runners_only: bool = False) -> Iterator[Served]:
     """`python -m bench.serve <service>` on a free port of its own, with a JWT secret of its own;
-    stopped (SIGTERM, then SIGKILL) on leaving."""
+    stopped (SIGTERM, then SIGKILL) on leaving. `runners_only`: the service's projection runners
+    in a process of their own instead, as production runs them apart (`python -m
+    services.<service>.main --projections-only`, `/readyz` on its port)."""
     from services.stack import _terminate_with_parent
 
     port = free_port()
     secret = secrets.token_hex(24)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = LOG_DIR / f"{service}-bench.log"
+    log_path = LOG_DIR / f"{service}-{'runners' if runners_only else 'bench'}.log"
+    module = [f"services.{service}.main", "--projections-only"] if runners_only else ["bench.serve", service]
     env = dict(os.environ, DATABASE_URL=database_url, TANDEM_PORT=str(port), TANDEM_JWT_SECRET=secret,
                TANDEM_TELEMETRY_EXPORTER=telemetry, PYTHONUNBUFFERED="1",
                TANDEM_TELEMETRY_CONSOLE_PATH=str(LOG_DIR / f"{service}-bench-spans.jsonl"), **(extra_env or {}))
     with log_path.open("ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "bench.serve", service], cwd=REPO_ROOT, env=env,
+        process = subprocess.Popen([sys.executable, "-m", *module], cwd=REPO_ROOT, env=env,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=_terminate_with_parent)
     try:

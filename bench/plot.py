@@ -9,20 +9,25 @@ from pathlib import Path
 
 
 def write_throughput_plot(path: Path, clients: Sequence[int], rest: Sequence[float], raw: Sequence[float], *,
-                          title: str = "Check-in writes: REST vs raw INSERT, same server stack") -> Path:
-    """Write the plot to `path` (its folder made if need be); returns the path."""
+                          title: str = "Check-in writes: REST vs raw INSERT, same server stack",
+                          rest_apart: Sequence[float] | None = None) -> Path:
+    """Write the plot to `path` (its folder made if need be); returns the path. `rest_apart`:
+    the check-ins with the projection runners in a process of their own, a second curve."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
     import matplotlib.pyplot as plt
 
-    if not (len(clients) == len(rest) == len(raw)) or not clients:
+    if not (len(clients) == len(rest) == len(raw)) or not clients or (
+            rest_apart is not None and len(rest_apart) != len(clients)):
         raise ValueError("one REST and one raw figure for each number of clients")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     try:
         ax.plot(clients, raw, marker="s", linestyle="--", label="raw asyncpg INSERT (baseline)")
-        ax.plot(clients, rest, marker="o", label="REST check-in (group commit)")
+        ax.plot(clients, rest, marker="o", label="REST check-in (group commit; projections in process)")
+        if rest_apart is not None:
+            ax.plot(clients, rest_apart, marker="^", linestyle=":", label="REST check-in, projections apart")
         for x, r, b in zip(clients, rest, raw, strict=True):
             if b:
                 ax.annotate(f"{r / b:.2f}x", (x, r), textcoords="offset points", xytext=(0, -14), ha="center",

@@ -21,6 +21,14 @@ projection, which runs beside it, as in production).
 Also reported: the log writer's batches and saves during each check-in run (the average batch
 size of the group commit), read from the app, and the CPU time the server process and this
 client process spent per request.
+
+Two configurations, one after the other in the same run, each in a database of its own:
+`in process` (the headline: the goals projection runners as threads of the API's process, as
+`make run` runs them) and `apart` (the API with `TANDEM_RUN_PROJECTIONS=false` and the runners
+in a process of their own, `python -m services.goals.main --projections-only`, as `deploy/` runs
+them). In the second the raw baseline is measured again, against that API process, and the
+runners' process's CPU per check-in is reported beside the API's: it still runs on the same
+machine, so nothing it costs is hidden, only no longer in the API's process.
 """
 
 from __future__ import annotations
@@ -28,15 +36,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import httpx
 import psycopg
 
-from bench.load import LoadResult, closed_loop, create_logs, served
+from bench.load import LoadResult, closed_loop, cpu_seconds, create_logs, served
 from bench.org import Builder, Shape
 from bench.serve import RAW_TABLE, RAW_TABLE_DDL
 from services.common.auth import mint_token
@@ -44,36 +54,63 @@ from services.common.auth import mint_token
 KEY_RESULTS = 128
 
 
+IN_PROCESS = "in process"
+"""The headline configuration: the goals projection runners as threads of the API's process, as
+`make run` runs them."""
+APART = "apart"
+"""The second: the runners in a process of their own (`--projections-only`), the API process
+with `TANDEM_RUN_PROJECTIONS=false`, as `deploy/` runs them."""
+
+
 @dataclass
 class WritesResult:
     clients: list[int]
     key_results: int
+    configuration: str = IN_PROCESS
     raw: list[LoadResult] = field(default_factory=list)
     rest: list[LoadResult] = field(default_factory=list)
     group_commit: list[dict[str, float]] = field(default_factory=list)
     catch_up_seconds: list[float] = field(default_factory=list)
+    runner_cpu: list[float] = field(default_factory=list)
+    """CPU seconds of the runners' own process during each check-in run (runners apart only)."""
     events: int = 0
     rows: int = 0
+    apart: WritesResult | None = None
+    """The same runs with the projection runners in a process of their own (`APART`)."""
 
     def rows_table(self) -> list[list[str]]:
-        out = [["clients", "REST check-ins/s", "p50 / p95", "raw INSERT/s", "p50 / p95", "ratio",
-                "saves per commit", "server CPU per request (REST / raw)"]]
-        for raw, rest, gc in zip(self.raw, self.rest, self.group_commit, strict=True):
-            out.append([str(rest.clients), f"{rest.per_second:,.0f}", f"{rest.p50_ms:.1f} / {rest.p95_ms:.1f} ms",
-                        f"{raw.per_second:,.0f}", f"{raw.p50_ms:.1f} / {raw.p95_ms:.1f} ms",
-                        f"{rest.per_second / raw.per_second:.2f}x" if raw.per_second else "",
-                        f"{gc['averageBatch']:.1f} ({gc['saves']:,.0f} in {gc['batches']:,.0f})",
-                        f"{1000 * rest.server_cpu / max(rest.requests, 1):.2f} / "
-                        f"{1000 * raw.server_cpu / max(raw.requests, 1):.2f} ms"])
+        out = [["projections", "clients", "REST check-ins/s", "p50 / p95", "raw INSERT/s", "p50 / p95", "ratio",
+                "saves per commit", "API process CPU per request (REST / raw)", "runners' process CPU per check-in"]]
+        for result in (self, self.apart):
+            if result is None:
+                continue
+            runner_cpu = result.runner_cpu or [None] * len(result.rest)
+            for raw, rest, gc, runners in zip(result.raw, result.rest, result.group_commit, runner_cpu, strict=True):
+                out.append([result.configuration, str(rest.clients), f"{rest.per_second:,.0f}",
+                            f"{rest.p50_ms:.1f} / {rest.p95_ms:.1f} ms",
+                            f"{raw.per_second:,.0f}", f"{raw.p50_ms:.1f} / {raw.p95_ms:.1f} ms",
+                            f"{rest.per_second / raw.per_second:.2f}x" if raw.per_second else "",
+                            f"{gc['averageBatch']:.1f} ({gc['saves']:,.0f} in {gc['batches']:,.0f})",
+                            f"{1000 * rest.server_cpu / max(rest.requests, 1):.2f} / "
+                            f"{1000 * raw.server_cpu / max(raw.requests, 1):.2f} ms",
+                            "(in the API's)" if runners is None else f"{1000 * runners / max(rest.requests, 1):.2f} ms"])
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"keyResults": self.key_results, "events": self.events, "rawRows": self.rows,
-                "byClients": [{"clients": rest.clients, "rest": rest.summary(), "raw": raw.summary(),
-                               "ratio": rest.per_second / raw.per_second if raw.per_second else None,
-                               "groupCommit": gc, "catchUpSecondsAfter": catch_up}
-                              for raw, rest, gc, catch_up in zip(self.raw, self.rest, self.group_commit,
-                                                                  self.catch_up_seconds, strict=True)]}
+        runner_cpu = self.runner_cpu or [None] * len(self.rest)
+        document: dict[str, Any] = {
+            "configuration": self.configuration, "keyResults": self.key_results, "events": self.events,
+            "rawRows": self.rows,
+            "byClients": [{"clients": rest.clients, "rest": rest.summary(), "raw": raw.summary(),
+                           "ratio": rest.per_second / raw.per_second if raw.per_second else None,
+                           "groupCommit": gc, "catchUpSecondsAfter": catch_up,
+                           **({} if runners is None else
+                              {"runnerCpuMsPerCheckIn": 1000 * runners / rest.requests if rest.requests else 0.0})}
+                          for raw, rest, gc, catch_up, runners in zip(self.raw, self.rest, self.group_commit,
+                                                                      self.catch_up_seconds, runner_cpu, strict=True)]}
+        if self.apart is not None:
+            document["runnersApart"] = self.apart.to_json()
+        return document
 
 
 async def make_key_results(goals_url: str, token: str, count: int) -> list[UUID]:
@@ -116,11 +153,13 @@ async def wait_caught_up(database_url: str, timeout: float = 600) -> float:
 
 
 async def _run(database_url: str, url: str, pid: int, secret: str, clients: list[int], seconds: float,
-               warmup: float, out: Any) -> WritesResult:
+               warmup: float, out: Any, *, configuration: str = IN_PROCESS,
+               runner_pid: int | None = None) -> WritesResult:
     token = mint_token(secret=secret, role="admin", subject="bench")
     headers = {"Authorization": f"Bearer {token}", "X-Correlation-ID": "bench-writes"}
     key_results = await make_key_results(url, token, KEY_RESULTS)
-    result = WritesResult(clients, len(key_results))
+    result = WritesResult(clients, len(key_results), configuration)
+    label = "" if configuration == IN_PROCESS else f" [projections {configuration}]"
     today = date.today().isoformat()
     # One client (one connection) per worker: see `closed_loop`.
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
@@ -146,11 +185,14 @@ async def _run(database_url: str, url: str, pid: int, secret: str, clients: list
             await closed_loop(pool, raw, n, warmup)  # untimed
             baseline = await closed_loop(pool, raw, n, seconds, server_pid=pid)
             print(f"  {n:>2} clients  raw INSERT   {baseline.per_second:7,.0f}/s  p50 {baseline.p50_ms:6.1f} ms  "
-                  f"p95 {baseline.p95_ms:6.1f} ms", file=out, flush=True)
+                  f"p95 {baseline.p95_ms:6.1f} ms{label}", file=out, flush=True)
             await wait_caught_up(database_url)
             await closed_loop(pool, check_in, n, warmup)  # untimed
             before = (await client.get("/bench/group-commit")).json()
+            runner0 = cpu_seconds(runner_pid) if runner_pid else 0.0
             rest = await closed_loop(pool, check_in, n, seconds, server_pid=pid)
+            if runner_pid:
+                result.runner_cpu.append(cpu_seconds(runner_pid) - runner0)
             after = (await client.get("/bench/group-commit")).json()
             caught_up = await wait_caught_up(database_url)
             batches, saves = after["batches"] - before["batches"], after["saves"] - before["saves"]
@@ -158,7 +200,7 @@ async def _run(database_url: str, url: str, pid: int, secret: str, clients: list
             print(f"  {n:>2} clients  REST check-in {rest.per_second:6,.0f}/s  p50 {rest.p50_ms:6.1f} ms  "
                   f"p95 {rest.p95_ms:6.1f} ms  ratio {rest.per_second / max(baseline.per_second, 1e-9):.2f}x  "
                   f"({saves:,} saves in {batches:,} commits, {gc['averageBatch']:.1f} a commit; "
-                  f"read model caught up {caught_up:.1f} s after)", file=out, flush=True)
+                  f"read model caught up {caught_up:.1f} s after){label}", file=out, flush=True)
             result.raw.append(baseline)
             result.rest.append(rest)
             result.group_commit.append(gc)
@@ -169,15 +211,48 @@ async def _run(database_url: str, url: str, pid: int, secret: str, clients: list
     return result
 
 
-def measure_writes(database_url: str, clients: list[int], seconds: float, warmup: float, *,
-                   telemetry: str = "none", out: Any = None) -> WritesResult:
+def _prepare(database_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
         for statement in RAW_TABLE_DDL:
             conn.execute(statement)
     create_logs(database_url)
+
+
+@contextlib.contextmanager
+def _sibling_database(database_url: str, suffix: str) -> Iterator[str]:
+    """A new database beside `database_url`'s on the same server, dropped on leaving."""
+    parts = urlsplit(database_url)
+    name = f"{parts.path.lstrip('/') or 'postgres'}_{suffix}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(parts._replace(path="/" + name))
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def measure_writes(database_url: str, clients: list[int], seconds: float, warmup: float, *,
+                   telemetry: str = "none", out: Any = None, runners_apart: bool = True) -> WritesResult:
+    """Both configurations, one after the other, each in a database of its own: the projection
+    runners in the API's process (the headline), then (`runners_apart`) in a process of their
+    own, the raw baseline measured again against that API process."""
+    _prepare(database_url)
     print(f"Starting goals with the baseline route (telemetry export {telemetry}) ...", file=out, flush=True)
     with served("goals", database_url, telemetry=telemetry) as server:
-        return asyncio.run(_run(database_url, server.url, server.pid, server.secret, clients, seconds, warmup, out))
+        result = asyncio.run(_run(database_url, server.url, server.pid, server.secret, clients, seconds, warmup,
+                                  out))
+    if runners_apart:
+        with _sibling_database(database_url, "apart") as apart_url:
+            _prepare(apart_url)
+            print("Starting goals without its projection runners, and the runners in a process of their own ...",
+                  file=out, flush=True)
+            with served("goals", apart_url, telemetry=telemetry, extra_env={"TANDEM_RUN_PROJECTIONS": "false"}) \
+                    as server, served("goals", apart_url, telemetry=telemetry, runners_only=True) as runners:
+                result.apart = asyncio.run(_run(apart_url, server.url, server.pid, server.secret, clients, seconds,
+                                                warmup, out, configuration=APART, runner_pid=runners.pid))
+    return result
 
 
 def profile_check_ins(database_url: str, clients: int, seconds: float, *, out: Any = None) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import logging
 import threading
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import date
 from typing import Any, ClassVar, TypeVar
 
+from eventsourcing import persistence
 from eventsourcing.domain import Aggregate, MutableOrImmutableAggregate
 from eventsourcing.persistence import (
     DatetimeAsISO,
@@ -31,6 +33,8 @@ from eventsourcing.persistence import (
     Transcoding,
     UUIDAsHex,
 )
+from eventsourcing.postgres import PostgresAggregateRecorder
+from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 from starlette.concurrency import run_in_threadpool
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
@@ -87,8 +91,15 @@ class MetadataMapper(Mapper[uuid.UUID]):
 
     def to_stored_event(self, domain_event: Any) -> StoredEvent:
         if "meta" not in vars(domain_event):
-            object.__setattr__(domain_event, "meta", asdict(current_context()))
+            object.__setattr__(domain_event, "meta", dict(context_meta(current_context())))
         return super().to_stored_event(domain_event)
+
+
+@functools.lru_cache(maxsize=256)
+def context_meta(context: CommandContext) -> dict[str, Any]:
+    """A context's `meta`, worked out once per context (`asdict` per event was a tenth of the
+    time a bulk load of measurements spent encoding its events); each event gets a copy."""
+    return asdict(context)
 
 
 class DateAsISO(Transcoding):
@@ -220,6 +231,77 @@ class TandemApplication(SnapshottingApplication):
             finally:
                 reset_claim(token)
         raise ConcurrentWrite(f"Idempotency-Key {claim.key!r} kept being taken")
+
+    def up_to_date_cached(self, *aggregate_ids: uuid.UUID, copy_first: bool = False) -> list[Any] | None:
+        """The cached instances of these aggregates, each brought up to date with the log, as the
+        library's cache does on `repository.get` (its fast-forward), but with ONE query for all
+        of them, where `get` reads each one's new events in a round trip of its own (a pooled
+        connection, its check, the SELECT: a check-in loads three aggregates), holding the
+        aggregate's lock across it (so every check-in in a cycle queued on the cycle's lock). The
+        instances themselves, to look at, never to change; `copy_first`: the first one a copy
+        (to change), taken under its lock. None when one of them is not cached (or the cache
+        does not fast-forward), or the query met a connection error: load them one by one then
+        (`repository.get`, which retries).
+
+        Each aggregate is fast-forwarded under the library's own lock for it (the cache's
+        fast-forward is not thread-safe without it), with only the events after the version it
+        has by then: another thread may have brought it further meanwhile, never less far."""
+        repository = self.repository
+        cache = repository.cache
+        if cache is None or not repository.fastforward or not aggregate_ids:
+            return None
+        try:
+            cached = [cache.get(i) for i in aggregate_ids]
+        except KeyError:
+            return None
+        recorder: Any = self.recorder
+        if any(a is None for a in cached) or not isinstance(recorder, PostgresAggregateRecorder):
+            return None  # in memory (the domain's unit tests): the library's way
+        try:
+            # Rows as tuples: the pool's dict rows build their keys again for every query.
+            with recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+                curs.execute(self._select_after, ([a.id for a in cached], [a.version for a in cached]),
+                             prepare=True)
+                rows = curs.fetchall()
+        except (persistence.InterfaceError, persistence.OperationalError):
+            return None
+        newer: dict[Any, list[StoredEvent]] = {}
+        for originator_id, version, topic, state in rows:
+            newer.setdefault(originator_id, []).append(StoredEvent(
+                originator_id=originator_id, originator_version=version, topic=topic, state=bytes(state)))
+        mapper = repository.event_store.mapper
+        out = list(cached)
+        for n, aggregate in enumerate(cached):
+            stored = newer.get(aggregate.id, ())
+            if not stored and not (copy_first and n == 0):
+                continue
+            lock = repository._use_fastforward_lock(aggregate.id)  # noqa: SLF001 - the library's per-aggregate lock
+            try:
+                with lock:
+                    for event in stored:
+                        if event.originator_version > aggregate.version and \
+                                mapper.to_domain_event(event).mutate(aggregate) is not aggregate:
+                            return None  # not an aggregate mutated in place: the library's way then
+                    if copy_first and n == 0:
+                        out[0] = copy.deepcopy(aggregate)
+            finally:
+                repository._disuse_fastforward_lock(aggregate.id)  # noqa: SLF001
+        return out
+
+    @functools.cached_property
+    def _select_after(self) -> Any:
+        """Every event after a given version of each of the given aggregates, in their order."""
+        from psycopg.sql import SQL, Identifier
+
+        recorder: Any = self.recorder
+        id_type = "uuid" if recorder.datastore.originator_id_type == "uuid" else "text"
+        statement = SQL(
+            "SELECT e.originator_id, e.originator_version, e.topic, e.state FROM {}.{} e "
+            "JOIN unnest(%s::{}[], %s::bigint[]) AS n(id, version) "
+            "ON e.originator_id = n.id AND e.originator_version > n.version "
+            "ORDER BY e.originator_id, e.originator_version").format(
+                Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name), SQL(id_type))
+        return statement
 
     def save_written(self, aggregate: MutableOrImmutableAggregate[uuid.UUID]) -> Written:
         """Save, and say where the aggregate's events landed."""

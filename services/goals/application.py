@@ -747,6 +747,40 @@ class Goals(TandemApplication):
         if reason is not None:
             raise DomainError(reason)
 
+    def _key_result_to_move(self, key_result_id: UUID, expected_version: int | None) -> KeyResult:
+        """The key result a check-in or a correction changes (a copy), after its If-Match (412)
+        and the frozen check (its objective open, its cycle not closed: 422). When the three are
+        cached (the usual case) they are brought up to date with the log in one query
+        (`up_to_date_cached`), not three; what the three loads would give, read at one moment.
+        Else (one not cached, or the key result moved to another objective since it was
+        cached), one by one as `repository.get` does."""
+        kr: Any = self._cached(key_result_id)
+        objective: Any = self._cached(kr.objective_id) if isinstance(kr, KeyResult) else None
+        if isinstance(objective, Objective):
+            fresh = self.up_to_date_cached(key_result_id, objective.id, objective.cycle_id,
+                                           copy_first=self.repository.deepcopy_from_cache)
+            if fresh is not None:
+                kr, objective, cycle = fresh
+                if (isinstance(kr, KeyResult) and isinstance(objective, Objective) and isinstance(cycle, Cycle)
+                        and kr.objective_id == objective.id and objective.cycle_id == cycle.id):
+                    self.check_version(kr, expected_version)
+                    reason = key_result_frozen(objective, cycle)
+                    if reason is not None:
+                        raise DomainError(reason)
+                    return kr
+        kr = self.get_key_result(key_result_id)
+        self.check_version(kr, expected_version)
+        self._refuse_if_frozen(kr)
+        return kr
+
+    def _cached(self, aggregate_id: UUID) -> Any:
+        """The aggregate cache's instance (maybe behind the log), or None."""
+        cache = self.repository.cache
+        try:
+            return cache.get(aggregate_id) if cache is not None else None
+        except KeyError:
+            return None
+
     @retry_on_conflict
     def check_in(
         self,
@@ -758,9 +792,7 @@ class Goals(TandemApplication):
         valid_on: date,
         expected_version: int | None,
     ) -> Written:
-        kr = self.get_key_result(key_result_id)
-        self.check_version(kr, expected_version)
-        self._refuse_if_frozen(kr)
+        kr = self._key_result_to_move(key_result_id, expected_version)
         kr.check_in(value=value, confidence=confidence, note=note, valid_on=valid_on)
         return self.save_written(kr)
 
@@ -778,9 +810,7 @@ class Goals(TandemApplication):
     ) -> Written:
         """Correct the check-in recorded at `corrects_version`; both stay in the history. What
         is left `UNCHANGED` keeps the check-in's own confidence, note or date."""
-        kr = self.get_key_result(key_result_id)
-        self.check_version(kr, expected_version)
-        self._refuse_if_frozen(kr)
+        kr = self._key_result_to_move(key_result_id, expected_version)
         kr.correct_check_in(corrects_version=corrects_version, value=value, confidence=confidence,
                             note=note, valid_on=valid_on)
         return self.save_written(kr)

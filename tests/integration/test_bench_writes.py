@@ -101,3 +101,56 @@ def test_results_are_appended_and_the_throughput_plot_is_a_png(tmp_path: Path) -
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     with pytest.raises(ValueError):
         write_throughput_plot(tmp_path / "bad.png", [1, 8], [1.0], [1.0, 2.0])
+
+
+def test_both_configurations_are_tabled_plotted_and_recorded(tmp_path: Path) -> None:
+    """The writes benchmark reports the runners apart beside the headline (runners in process):
+    rows of their own, their raw baseline and ratio, and the runners' process's CPU."""
+    from bench.load import LoadResult
+    from bench.writes import APART, IN_PROCESS, WritesResult
+
+    def load(clients: int, per_second: float, cpu_ms: float) -> LoadResult:
+        result = LoadResult(clients, 1.0, latencies=[0.01] * int(per_second))
+        result.server_cpu = cpu_ms * result.requests / 1000
+        return result
+
+    gc = {"batches": 10, "saves": 40, "averageBatch": 4.0}
+    headline = WritesResult([1, 32], 128, raw=[load(1, 100, 2.0), load(32, 400, 2.0)],
+                            rest=[load(1, 50, 6.0), load(32, 150, 5.0)], group_commit=[gc, gc],
+                            catch_up_seconds=[0.0, 0.0])
+    headline.apart = WritesResult([1, 32], 128, APART, raw=[load(1, 120, 2.0), load(32, 420, 2.0)],
+                                  rest=[load(1, 60, 5.0), load(32, 210, 4.0)], group_commit=[gc, gc],
+                                  catch_up_seconds=[0.0, 0.0], runner_cpu=[0.06, 0.21])
+    rows = headline.rows_table()
+    assert [r[0] for r in rows[1:]] == [IN_PROCESS, IN_PROCESS, APART, APART]
+    assert rows[2][6] == "0.38x" and rows[4][6] == "0.50x"  # each ratio against its own configuration's raw route
+    assert rows[2][-1] == "(in the API's)" and rows[4][-1] == "1.00 ms"  # 0.21 s of runner CPU over 210 check-ins
+    document = json.loads(json.dumps(headline.to_json()))
+    assert document["configuration"] == IN_PROCESS and "runnerCpuMsPerCheckIn" not in document["byClients"][0]
+    apart = document["runnersApart"]
+    assert apart["configuration"] == APART and apart["byClients"][1]["ratio"] == pytest.approx(0.5)
+    assert apart["byClients"][1]["runnerCpuMsPerCheckIn"] == pytest.approx(1.0)
+
+    plot = write_throughput_plot(tmp_path / "both.png", [1, 32], [50.0, 150.0], [100.0, 400.0],
+                                 rest_apart=[60.0, 210.0])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError):
+        write_throughput_plot(tmp_path / "bad.png", [1, 32], [50.0, 150.0], [100.0, 400.0], rest_apart=[60.0])
+
+
+def test_the_runners_apart_are_served_in_a_process_of_their_own() -> None:
+    """`served(..., runners_only=True)`: `python -m services.goals.main --projections-only`, ready
+    on its port, with the goals projection's lock; the API process beside it runs none."""
+    from bench.load import served
+
+    url = os.environ["DATABASE_URL"]
+    create_logs(url)
+    with served("goals", url, extra_env={"TANDEM_RUN_PROJECTIONS": "false", "TANDEM_RUN_WEBHOOK_WORKER": "false"}) \
+            as api, served("goals", url, runners_only=True) as runners:
+        assert api.pid != runners.pid
+        ready = httpx.get(runners.url + "/readyz", timeout=10).json()
+        assert ready["status"] == "ready" and any(k.startswith("projection:") for k in ready["checks"])
+        assert httpx.get(runners.url + "/v1/units", timeout=10).status_code == 404  # no API there
+        api_checks = httpx.get(api.url + "/readyz", timeout=10).json()["checks"]
+        projections = {v for k, v in api_checks.items() if k.startswith("projection:")}
+        assert projections == {"runs elsewhere"}, api_checks
