@@ -48,6 +48,15 @@ from services.common.telemetry import traced_append
 log = logging.getLogger(__name__)
 
 
+def binary_insert(recorder: Any) -> None:
+    """Send a recorder's events as a binary parameter (`%b`, the composite's binary dumper)
+    instead of text: the text dump escapes every state's bytes with a regular expression, four
+    times as long for a save of 10,000 events or a snapshot of a KPI's series (bench/README.md,
+    ingest). The same statement and the same rows. Other recorders (in-memory) are left alone."""
+    if isinstance(recorder, PostgresAggregateRecorder):
+        recorder.insert_events_statement = SQL(recorder.insert_events_statement.as_string().replace("%s", "%b"))
+
+
 class BatchSave(Protocol):
     """One save of a batch, as the group commit hands it over (`groupcommit._Save`)."""
 
@@ -72,6 +81,7 @@ class UnpipelinedInsert(PostgresApplicationRecorder):
 
     def __init__(self, datastore: Any, **kwargs: Any) -> None:
         super().__init__(datastore, **kwargs)
+        binary_insert(self)
         self.hash_chain = HashChain(self.datastore.schema, self.events_table_name,
                                     uuid_ids=self.datastore.originator_id_type == "uuid")
         self.check_identifier_length(self.hash_chain.table)

@@ -125,11 +125,15 @@ class SnapshottingApplication(Application[UUID]):
     def construct_snapshot_store(self) -> EventStore[UUID]:
         """Snapshots through a `SnapshotTranscoder` with the `register_snapshot_transcodings`,
         and the events' mapper class (for Tandem's applications, the one that stamps `meta`)."""
+        from services.common.recorder import binary_insert
+
         transcoder = SnapshotTranscoder()
         self.register_snapshot_transcodings(transcoder)
+        recorder = self.factory.aggregate_recorder(purpose="snapshots")
+        binary_insert(recorder)  # a KPI's snapshot is megabytes: not escaped as text
         return self.factory.event_store(
             mapper=self.factory.mapper(transcoder=transcoder, mapper_class=type(self.mapper)),
-            recorder=self.factory.aggregate_recorder(purpose="snapshots"),
+            recorder=recorder,
         )
 
     def register_snapshot_transcodings(self, transcoder: JSONTranscoder) -> None:

@@ -28,11 +28,12 @@ from __future__ import annotations
 import bisect
 import enum
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, NamedTuple
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
 
@@ -161,24 +162,38 @@ class ThresholdRule:
             if self.kind is RuleKind.above and self.recovery > self.threshold:
                 raise DomainError(f"rule {self.id}: an above rule's recovery must be <= its threshold")
 
+    # Module constants (`_BELOW`, `_ABOVE`) rather than `RuleKind.below`: an enum member read
+    # from its class is an attribute lookup through the enum's metaclass, and these two run for
+    # every rule and measurement of a bulk load.
     def violated_by(self, value: float) -> bool:
-        if self.kind is RuleKind.below:
+        kind = self.kind
+        if kind is _BELOW:
             return value < self.threshold  # type: ignore[operator]
-        if self.kind is RuleKind.above:
+        if kind is _ABOVE:
             return value > self.threshold  # type: ignore[operator]
         return value < self.low or value > self.high  # type: ignore[operator]
 
     def cleared_by(self, value: float) -> bool:
         """Whether a value ends a breach: past the recovery bound, not merely off the threshold."""
-        if self.kind is RuleKind.below:
+        kind = self.kind
+        if kind is _BELOW:
             return value >= (self.recovery if self.recovery is not None else self.threshold)  # type: ignore[operator]
-        if self.kind is RuleKind.above:
+        if kind is _ABOVE:
             return value <= (self.recovery if self.recovery is not None else self.threshold)  # type: ignore[operator]
         return not self.violated_by(value)
 
 
+_BELOW, _ABOVE = RuleKind.below, RuleKind.above
+
+
+def _uuid4s(n: int) -> list[UUID]:
+    """`n` random (version 4) UUIDs, as `uuid4()` makes them, from one read of `os.urandom`."""
+    raw = os.urandom(16 * n)
+    return [UUID(bytes=raw[16 * i:16 * i + 16], version=4) for i in range(n)]
+
+
 def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
+    return isinstance(x, (int, float)) and not isinstance(x, bool)  # a tuple: `int | float` is built per call
 
 
 def check_rules(rules: Iterable[ThresholdRule | Mapping[str, Any]]) -> list[ThresholdRule]:
@@ -259,11 +274,11 @@ class Series:
         return index
 
 
-@dataclass(frozen=True)
-class RuleWalk:
+class RuleWalk(NamedTuple):
     """A rule's state after walking measurements in valid-time order: whether it is breached,
     the current run of violating measurements (its length and the valid time it began), and
-    the measurement at which the rule last fired or cleared."""
+    the measurement at which the rule last fired or cleared. A named tuple (one is made per
+    rule and measurement walked: a tuple is made several times faster than a frozen dataclass)."""
 
     breached: bool = False
     run: int = 0
@@ -280,6 +295,8 @@ class RuleWalk:
 def step(rule: ThresholdRule, walk: RuleWalk, reading: Reading) -> RuleWalk:
     """The walk one measurement further: ok -> pending -> breached -> ok."""
     violated = rule.violated_by(reading.value)
+    if not violated and not walk.run and not walk.breached:
+        return walk  # ok and staying ok: the same walk (most steps of a healthy KPI)
     run = walk.run + 1 if violated else 0
     run_start = (walk.run_start or reading.measured_at) if violated else None
     if walk.breached:
@@ -290,6 +307,9 @@ def step(rule: ThresholdRule, walk: RuleWalk, reading: Reading) -> RuleWalk:
             and (reading.measured_at - run_start).total_seconds() >= rule.pending_for):  # type: ignore[operator]
         return RuleWalk(True, run, run_start, reading)
     return RuleWalk(False, run, run_start, walk.turned_by)
+
+
+_NOT_WALKED = RuleWalk()
 
 
 def walk(rule: ThresholdRule, readings: Iterable[Reading]) -> RuleWalk:
@@ -329,15 +349,24 @@ class Walks:
 
     def upto(self, rules: Sequence[ThresholdRule], items: Sequence[Reading]) -> dict[str, RuleWalk]:
         """Each rule's walk over all the items."""
+        self.walk_to(rules, items)
+        return {rid: states[-1] if states else _NOT_WALKED for rid, states in self.states.items()}
+
+    def walk_to(self, rules: Sequence[ThresholdRule], items: Sequence[Reading]) -> None:
+        """Walk every rule over the items not walked yet."""
         if self.valid < len(items):
             for rule in rules:
                 states = self.states[rule.id]
-                state = states[-1] if states else RuleWalk()
+                state = states[-1] if states else _NOT_WALKED
                 for reading in items[self.valid:]:
                     state = step(rule, state, reading)
                     states.append(state)
             self.valid = len(items)
-        return {rid: states[-1] if states else RuleWalk() for rid, states in self.states.items()}
+
+    def latest(self, rule_id: str) -> RuleWalk:
+        """A rule's walk as far as it has been walked (`walk_to` first)."""
+        states = self.states[rule_id]
+        return states[-1] if states else _NOT_WALKED
 
 
 def rule_state(breached: bool, latest_violates: bool) -> RuleState:
@@ -361,9 +390,8 @@ def kpi_state(rule_states: Iterable[RuleState | str], has_data: bool, stale: boo
     return KPIState.pending if RuleState.pending in states else KPIState.ok
 
 
-@dataclass(frozen=True)
-class MeasurementIn:
-    """One measurement a command records."""
+class MeasurementIn(NamedTuple):
+    """One measurement a command records (a named tuple: a bulk load makes 10,000)."""
 
     value: float
     measured_at: datetime
@@ -473,6 +501,13 @@ class KPI(Aggregate):
                    direction=direction, cadence=cadence, target=target,
                    rules=[r.as_dict() for r in checked])
 
+    def collect_events(self) -> list[Any]:
+        """The pending events, oldest first, as the library's `collect_events` gives them, without
+        its `pop(0)` per event (quadratic in a bulk load's 10,000 events)."""
+        collected = list(self._pending_events)
+        self._pending_events.clear()
+        return collected
+
     # State ----------------------------------------------------------------------------------
 
     @property
@@ -545,32 +580,34 @@ class KPI(Aggregate):
         if ids is not None and len(ids) != len(checked):
             raise DomainError("one id per measurement")
         now = (now or datetime.now(UTC)).astimezone(UTC)
-        order = sorted(range(len(checked)), key=lambda i: checked[i].measured_at)
+        order = sorted(range(len(checked)), key=lambda i: checked[i][1])
         out: list[UUID | None] = [None] * len(checked)
         new = corrected = unchanged = 0
         cause: Reading | None = None
+        fresh = iter(_uuid4s(len(checked)) if ids is None or not all(ids) else ())
+        series = self.series  # the same object throughout: events change it in place
+        items, by_key, by_id = series.items, series.by_key, series.by_id
         for i in order:
-            m = checked[i]
-            existing = self.series.by_key.get((m.measured_at, m.source))
+            value, measured_at, source = checked[i]
+            existing = by_key.get((measured_at, source))
             if existing is not None:
                 out[i] = existing.measurement_id
-                if existing.value == m.value:
+                if existing.value == value:
                     unchanged += 1
                     continue
                 self._measurement_corrected(
-                    measurement_id=existing.measurement_id, value=m.value, previous_value=existing.value,
+                    measurement_id=existing.measurement_id, value=value, previous_value=existing.value,
                     measured_at=existing.measured_at, source=existing.source,
-                    reason=f"sent again by {m.source} with another value")
-                cause = self.series.by_id[existing.measurement_id]
+                    reason=f"sent again by {source} with another value")
+                cause = by_id[existing.measurement_id]
                 corrected += 1
                 continue
-            newest = self.series.latest is None or m.measured_at >= self.series.latest.measured_at
-            if newest and self._walks.valid < len(self.series) and cause is not None:
+            newest = not items or measured_at >= items[-1].measured_at
+            if newest and self._walks.valid < len(items) and cause is not None:
                 self._settle(cause)  # the late ones and corrections before it, together
-            measurement_id = (ids[i] if ids is not None else None) or uuid4()
-            self._measured(measurement_id=measurement_id, value=m.value, measured_at=m.measured_at,
-                           source=m.source)
-            cause = self.series.by_id[measurement_id]
+            measurement_id = (ids[i] if ids is not None else None) or next(fresh)
+            self._measured(measurement_id=measurement_id, value=value, measured_at=measured_at, source=source)
+            cause = by_id[measurement_id]
             out[i] = measurement_id
             new += 1
             if newest:
@@ -639,7 +676,8 @@ class KPI(Aggregate):
             raise DomainError("a measurement's value must be a finite number")
         return float(value)
 
-    def _checked(self, m: MeasurementIn) -> MeasurementIn:
+    def _checked(self, m: MeasurementIn) -> tuple[float, datetime, str]:
+        """(value, measured_at in UTC, source), or DomainError."""
         value = self._checked_value(m.value)
         if not isinstance(m.measured_at, datetime) or m.measured_at.tzinfo is None:
             raise DomainError("measured_at needs a time zone")
@@ -647,16 +685,16 @@ class KPI(Aggregate):
             raise DomainError("measured_at must be after 1900")
         if not isinstance(m.source, str) or not m.source.strip():
             raise DomainError("a measurement needs a source")
-        return MeasurementIn(value, m.measured_at.astimezone(UTC), m.source)
+        return value, m.measured_at.astimezone(UTC), m.source
 
     def _settle(self, cause: Reading) -> None:
         """Announce what the walk says and the log does not yet: a breach or a recovery per rule,
         naming the measurement at which the walk turned (or the one that caused the change)."""
-        walks = self.walks()
+        walks = self._walks
+        walks.walk_to(self.rules, self.series.items)
         for rule in self.rules:
-            w = walks[rule.id]
-            announced = rule.id in self.breached
-            if w.breached == announced:
+            w = walks.latest(rule.id)
+            if w.breached == (rule.id in self.breached):
                 continue
             r = w.turned_by or cause
             seen = dict(rule_id=rule.id, value=r.value, measurement_id=r.measurement_id, measured_at=r.measured_at)
@@ -667,14 +705,33 @@ class KPI(Aggregate):
 
     # Events ---------------------------------------------------------------------------------
 
-    @event("Measured")
+    class Measured(Aggregate.Event):
+        """A value for a moment (`measured_at`, valid time) from a source.
+
+        Declared as a class with its own `apply`, not with `@event` on a method: a bulk load
+        triggers 10,000 of these, and the decorator's way (the method's arguments matched to
+        the event's fields, and again to the method's parameters when applied) took half the
+        time of recording one. The fields, their order and so the stored state are the same."""
+
+        measurement_id: UUID
+        value: float
+        measured_at: datetime
+        source: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate._apply_measured(self.measurement_id, self.value, self.measured_at, self.source)
+
     def _measured(self, measurement_id: UUID, value: float, measured_at: datetime, source: str) -> None:
+        self.trigger_event(self.Measured, measurement_id=measurement_id, value=value, measured_at=measured_at,
+                           source=source)
+
+    def _apply_measured(self, measurement_id: UUID, value: float, measured_at: datetime, source: str) -> None:
         reading = Reading(measured_at, self._seq, measurement_id, value, source)
         self._seq += 1
         index = self.series.add(reading)
         self._walks.invalidate(index)
         if self._walks.valid == index:  # the newest, and all before it walked: one step
-            self._walks.upto(self.rules, self.series.items)
+            self._walks.walk_to(self.rules, self.series.items)
 
     @event("MeasurementCorrected")
     def _measurement_corrected(self, measurement_id: UUID, value: float, previous_value: float,
