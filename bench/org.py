@@ -1,4 +1,4 @@
-"""A large organisation, written through the services' own REST write paths.
+"""A large organisation, written through the services' own write paths.
 
 At scale 1: 1 company, 20 departments, 400 teams, 4,000 people, 6,000 objectives (5 for the
 company, 5 per department aligned to the company's, the rest spread over the teams, four in
@@ -6,6 +6,12 @@ five aligned to one of their department's), 20,000 key results, 10,000 check-ins
 with 30 daily measurements each (the bulk endpoint: one request per KPI). Every count but the
 company's scales with `scale`. Requests go `concurrency` at a time; each phase waits for the
 one before, since it names what that one created.
+
+Given a token of the `hr_sync` role (`scim_token`), the org units go in over SCIM /Bulk (the
+company and the departments in one request, naming the company by bulkId, then the teams, up
+to 1,000 a request), where new Groups run together and their saves share transactions; they
+are the same units (`create_unit`, no members) as over REST. People stay on REST: a SCIM User
+joins today and carries a user name, and these join on 2024-01-08 with none.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ import httpx
 
 from services.demo import current_quarter
 
+SCIM_BULK = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
+SCIM_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
+SCIM_UNIT = "urn:tandem:params:scim:schemas:extension:unit:2.0:Group"
+SCIM_MAX_OPERATIONS = 1000
 RETRIED = frozenset({409, 503})
 """A lost race (the server retries most of them itself) or a service busy: sent again."""
 
@@ -74,13 +84,17 @@ class Org:
 
 
 class Builder:
-    def __init__(self, goals_url: str, metrics_url: str, token: str, *, concurrency: int = 24, seed: int = 6):
+    def __init__(self, goals_url: str, metrics_url: str, token: str, *, concurrency: int = 24, seed: int = 6,
+                 scim_token: str | None = None):
         headers = {"Authorization": f"Bearer {token}", "X-Correlation-ID": "bench-load"}
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self.clients = {
             "goals": httpx.AsyncClient(base_url=goals_url, headers=headers, timeout=120, limits=limits),
             "metrics": httpx.AsyncClient(base_url=metrics_url, headers=headers, timeout=120, limits=limits),
         }
+        self.scim = None if scim_token is None else httpx.AsyncClient(
+            base_url=goals_url, timeout=600, headers={"Authorization": f"Bearer {scim_token}",
+                                                      "X-Correlation-ID": "bench-load"})
         self.concurrency = concurrency
         self.random = random.Random(seed)
         self.org = Org()
@@ -89,6 +103,41 @@ class Builder:
     async def close(self) -> None:
         for client in self.clients.values():
             await client.aclose()
+        if self.scim is not None:
+            await self.scim.aclose()
+
+    async def scim_bulk(self, name: str, operations: Sequence[dict[str, Any]]) -> list[UUID]:
+        """POST /scim/v2/Bulk, 1,000 operations a request at most, each operation a new Group or
+        User that must be created (failOnErrors 1); the ids in the operations' order."""
+        assert self.scim is not None
+        started = time.perf_counter()
+        ids: list[UUID] = []
+        for start in range(0, len(operations), SCIM_MAX_OPERATIONS):
+            chunk = operations[start:start + SCIM_MAX_OPERATIONS]
+            r = await self.scim.post("/scim/v2/Bulk", json={"schemas": [SCIM_BULK], "failOnErrors": 1,
+                                                             "Operations": list(chunk)})
+            if r.status_code != 200:
+                raise RuntimeError(f"SCIM Bulk ({name}) failed: {r.status_code} {r.text[:500]}")
+            results = r.json()["Operations"]
+            failed = [o for o in results if o.get("status") != "201"]
+            if failed or len(results) != len(chunk):
+                raise RuntimeError(f"SCIM Bulk ({name}): {len(results)} of {len(chunk)} answered, failed: {failed[:3]}")
+            ids += [UUID(o["location"].rsplit("/", 1)[1]) for o in results]
+            log, _, position = r.headers["Tandem-Position"].partition("=")
+            self.org.positions[log] = max(self.org.positions[log], int(position))
+            self.org.writes += 1
+        seconds = time.perf_counter() - started
+        print(f"  {name}: {len(ids):,} over SCIM Bulk in {seconds:.1f} s ({len(ids) / max(seconds, 1e-9):,.0f}/s)",
+              flush=True)
+        return ids
+
+    @staticmethod
+    def scim_group(name: str, kind: str, parent: str | None, bulk_id: str) -> dict[str, Any]:
+        extension: dict[str, Any] = {"kind": kind}
+        if parent is not None:
+            extension["parent"] = {"value": parent}
+        return {"method": "POST", "path": "/Groups", "bulkId": bulk_id, "data": {
+            "schemas": [SCIM_GROUP, SCIM_UNIT], "displayName": name, SCIM_UNIT: extension}}
 
     async def write(self, log: str, method: str, path: str, body: dict[str, Any]) -> UUID:
         for attempt in range(5):
@@ -148,15 +197,26 @@ class Builder:
         [org.cycle] = await self.phase("cycle", "goals", [("/v1/cycles", {
             "name": f"Bench {name}", "kind": "quarter", "parentId": str(year), "startsOn": starts.isoformat(),
             "endsOn": ends.isoformat(), "status": "active"})])
-        [org.company] = await self.phase("company", "goals", [("/v1/units", {"name": "Bench Corp", "kind": "company"})])
-        org.departments = await self.phase("departments", "goals", [
-            ("/v1/units", {"name": f"Department {d:02}", "kind": "department", "parentId": str(org.company)})
-            for d in range(shape.departments)])
         per_department = spread(shape.teams, shape.departments)
-        org.teams = await self.phase("teams", "goals", [
-            ("/v1/units", {"name": f"Team {d:02}-{t:02}", "kind": "team", "parentId": str(department)})
-            for d, (department, count) in enumerate(zip(org.departments, per_department, strict=True))
-            for t in range(count)])
+        if self.scim is not None:
+            [org.company, *org.departments] = await self.scim_bulk("company and departments", [
+                self.scim_group("Bench Corp", "company", None, "company"),
+                *(self.scim_group(f"Department {d:02}", "department", "bulkId:company", f"d{d}")
+                  for d in range(shape.departments))])
+            org.teams = await self.scim_bulk("teams", [
+                self.scim_group(f"Team {d:02}-{t:02}", "team", str(department), f"t{d}-{t}")
+                for d, (department, count) in enumerate(zip(org.departments, per_department, strict=True))
+                for t in range(count)])
+        else:
+            [org.company] = await self.phase("company", "goals", [
+                ("/v1/units", {"name": "Bench Corp", "kind": "company"})])
+            org.departments = await self.phase("departments", "goals", [
+                ("/v1/units", {"name": f"Department {d:02}", "kind": "department", "parentId": str(org.company)})
+                for d in range(shape.departments)])
+            org.teams = await self.phase("teams", "goals", [
+                ("/v1/units", {"name": f"Team {d:02}-{t:02}", "kind": "team", "parentId": str(department)})
+                for d, (department, count) in enumerate(zip(org.departments, per_department, strict=True))
+                for t in range(count)])
         self.department_of = {team: department for department, count, start in zip(
             org.departments, per_department, _starts(per_department), strict=True)
             for team in org.teams[start:start + count]}

@@ -82,10 +82,11 @@ class Loader:
         if drives is not None:
             self._put(f"/v1/key-results/{drives}/kpi", {"kpiId": kpi})
         now = datetime.now(UTC).replace(microsecond=0) - timedelta(days=days_ago)
-        for i, value in enumerate(measurements):
-            measured_at = now - timedelta(days=len(measurements) - 1 - i)
-            self._post(self.metrics, "metrics", f"/v1/kpis/{kpi}/measurements", {
-                "value": value, "measuredAt": measured_at.isoformat(), "source": "demo"})
+        # One bulk request for the KPI's measurements: each recorded as the single route would
+        # record it (oldest first), in one save.
+        self._post(self.metrics, "metrics", f"/v1/kpis/{kpi}/measurements/bulk", {"measurements": [
+            {"value": value, "measuredAt": (now - timedelta(days=len(measurements) - 1 - i)).isoformat(),
+             "source": "demo"} for i, value in enumerate(measurements)]})
         return kpi
 
     def _put(self, path: str, body: dict[str, Any]) -> None:

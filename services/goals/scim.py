@@ -28,9 +28,10 @@ attributed to a human. Every failure is a SCIM error message (`application/scim+
 
 from __future__ import annotations
 
+import contextvars
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Annotated, Any
@@ -93,6 +94,11 @@ USER_ROWS = ("SELECT p.*, u.name AS unit_name, m.name AS manager_name FROM peopl
              "JOIN units u ON u.id = p.unit_id LEFT JOIN people m ON m.id = p.manager_id")
 GROUP_ROWS = "SELECT g.*, pg.name AS parent_name FROM units g LEFT JOIN units pg ON pg.id = g.parent_id"
 BULK_ID = re.compile(r"^bulkId:(.+)$")
+BEFORE_COMMAND: contextvars.ContextVar[Callable[[], Awaitable[None]] | None] = contextvars.ContextVar(
+    "scim_before_command", default=None)
+"""Awaited before an operation's command is sent to the write side: /Bulk holds the operations
+of a wave there until each has reached its command or failed, so that their saves reach the
+log's writer together (services.goals.scim_bulk)."""
 
 
 # Answers and errors -------------------------------------------------------------------------
@@ -316,6 +322,9 @@ class Scim:
         self.timeout: float = request.app.state.settings.read_wait_timeout_seconds
 
     async def command(self, fn: Callable[..., Written], *args: Any, **kwargs: Any) -> Written:
+        before = BEFORE_COMMAND.get()
+        if before is not None:
+            await before()
         try:
             return await run_command(command_context(self.request, self.principal), fn, *args, **kwargs)
         except Exception as e:

@@ -1,9 +1,18 @@
 """SCIM /Bulk (RFC 7644 §3.7) for services.goals.scim: a job of operations on Users and
-Groups, each run as its own request would run, with `bulkId` references between them."""
+Groups, each run as its own request would run, with `bulkId` references between them.
+
+Operations that cannot see each other's effects run together (a wave, `_waves`): new Users with
+distinct user names, or new Groups moving distinct people, whose bulkId references are all
+resolved already. They run concurrently, so their saves reach the log's writer together and are
+committed in a few transactions (`services.common.groupcommit`: one INSERT for the batch, and a
+save that fails there fails alone), instead of one transaction and one wait for the read model
+per operation. Everything else runs alone, in order, as before; the answer for each operation is
+the one it would get run alone in its turn."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +33,7 @@ from scim2_models import (
 from services.common import database
 from services.common.auth import Principal
 from services.goals.scim import (
+    BEFORE_COMMAND,
     BULK_ID,
     LOG,
     HrSync,
@@ -35,7 +45,11 @@ from services.goals.scim import (
     _kind,
     scim_exception,
 )
+from services.goals.scim_query import fold
 from services.goals.scim_resources import MAX_OPERATIONS, PROVIDER, SCIM_PREFIX, ScimGroup, ScimUser, weak_etag
+
+WAVE = 64
+"""At most this many operations run together (the log writer's batch, `TANDEM_GROUP_COMMIT_MAX_BATCH`)."""
 
 router = APIRouter(prefix=SCIM_PREFIX, include_in_schema=False)
 
@@ -153,12 +167,115 @@ async def bulk(request: Request, principal: Principal) -> ScimJSON:
                 break
         results[step.index] = await _bulk_step(s, step, created)
 
-    for step in steps:
-        await run(step, frozenset())
+    def errors() -> int:
+        return sum(1 for r in results.values() if r.status is not None and r.status >= 400)
+
+    i = 0
+    while i < len(steps) and not stopped():
+        budget = None if envelope.fail_on_errors is None else envelope.fail_on_errors - errors()
+        wave, i_next = _wave(steps, i, results, created, budget)
+        if len(wave) < 2:
+            await run(steps[i], frozenset())
+            i += 1
+            continue
+        gate = _Gate(len(wave))
+        for step, outcome in zip(wave, await asyncio.gather(*(gate.run(_bulk_step(s, st, created)) for st in wave)),
+                                 strict=True):
+            results[step.index] = outcome
+        i = i_next
     answer = BulkResponse[ScimUser | ScimGroup](operations=[results[i] for i in sorted(results)])
     position = await database.log_head(s.pool, s.tracked.events_table)
     await s.caught_up(position)  # every read that follows sees the whole job
     return _answer(answer.model_dump(scim_ctx=Context.BULK_RESPONSE), headers={"Tandem-Position": f"{LOG}={position}"})
+
+
+class _Gate:
+    """Holds the operations of a wave at their commands (`BEFORE_COMMAND`) until every one of
+    them has reached its command or ended without one (a refusal), then lets them all go: the
+    commands run at once in the thread pool, and their saves queue for the log's writer
+    together."""
+
+    def __init__(self, size: int) -> None:
+        self.remaining = size
+        self.open = asyncio.Event()
+
+    def _one_less(self) -> None:
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self.open.set()
+
+    async def _arrive(self) -> None:
+        self._one_less()
+        await self.open.wait()
+
+    async def run(self, operation: Awaitable[BulkOperation[Any]]) -> BulkOperation[Any]:
+        arrived = False
+
+        async def before() -> None:
+            nonlocal arrived
+            if not arrived:
+                arrived = True
+                await self._arrive()
+
+        token = BEFORE_COMMAND.set(before)
+        try:
+            return await operation
+        finally:
+            BEFORE_COMMAND.reset(token)
+            if not arrived:
+                self._one_less()
+
+
+def _batchable(step: BulkStep, created: Mapping[str, str]) -> tuple[str, set[tuple[str, str]]] | None:
+    """("Users" or "Groups", what it claims) for an operation that may run in a wave: a POST of
+    a User (claiming its folded user name) or a Group (claiming the people it moves in), every
+    bulkId it names created already. None for anything else: it runs alone, in its turn."""
+    if step.failed is not None or (step.method or "").upper() != "POST" or not isinstance(step.data, dict):
+        return None
+    parts = str(step.path or "").strip("/").split("/")
+    if len(parts) != 1 or parts[0] not in ("Users", "Groups") or not all(ref in created for ref in step.refs):
+        return None
+    if parts[0] == "Users":
+        user_name = _raw(step.data, "userName")
+        return ("Users", {("user", fold(user_name))}) if isinstance(user_name, str) else None
+    members = _raw(step.data, "members")
+    if members is not None and not isinstance(members, list):
+        return None
+    claims: set[tuple[str, str]] = set()
+    for member in members or ():
+        value = _resolve(_raw(member, "value"), created)
+        if not isinstance(value, str):
+            return None
+        claims.add(("person", value.lower()))
+    return "Groups", claims
+
+
+def _wave(steps: list[BulkStep], start: int, results: Mapping[int, Any], created: Mapping[str, str],
+          budget: int | None) -> tuple[list[BulkStep], int]:
+    """The operations from `start` on that run together, and where the next wave starts.
+
+    Run together, none may see what another does: all new Users or all new Groups (a User's
+    department is looked up among the units, which new Groups change), no two claiming the
+    same user name or person, each bulkId they name created already. With `failOnErrors`, at
+    most as many as the errors still allowed (`budget`): had they run one by one, every one of
+    them would have run even if all failed, so the job stops where it would have."""
+    wave: list[BulkStep] = []
+    kind: str | None = None
+    claimed: set[tuple[str, str]] = set()
+    i = start
+    while i < len(steps) and len(wave) < WAVE and (budget is None or len(wave) < budget):
+        step = steps[i]
+        if step.index in results:  # pulled forward by an earlier operation that named it
+            i += 1
+            continue
+        batchable = _batchable(step, created)
+        if batchable is None or (kind is not None and batchable[0] != kind) or batchable[1] & claimed:
+            break
+        kind = batchable[0]
+        claimed |= batchable[1]
+        wave.append(step)
+        i += 1
+    return wave, i
 
 
 def _bulk_failure(step: BulkStep) -> BulkOperation[Any]:

@@ -53,8 +53,13 @@ async def database(auth: Callable[..., dict[str, str]]) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="module")
-async def app_client(database: str) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in serve_in_process(create_app(GoalsSettings(DATABASE_URL=database))):
+def goals_app(database: str) -> Any:
+    return create_app(GoalsSettings(DATABASE_URL=database))
+
+
+@pytest.fixture(scope="module")
+async def app_client(goals_app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async for client in serve_in_process(goals_app):
         yield client
 
 
@@ -745,6 +750,65 @@ async def test_bulk_errors_and_fail_on_errors(hr: httpx.AsyncClient) -> None:
                                                                           "path": "/Users/x"}] * 1001}, 413)
     r = await hr.post("/scim/v2/Bulk", content=b" " * 1_048_577, headers={"Content-Type": "application/scim+json"})
     assert r.status_code == 413 and r.json()["schemas"] == [ERROR]
+
+
+async def test_bulk_commits_independent_operations_together(hr: httpx.AsyncClient, goals_app: Any) -> None:
+    """New Users (and new Groups) that cannot see each other's effects run together: their saves
+    are committed in a few transactions, not one each, and every operation is answered as it
+    would be run alone in its turn: a refused one in the middle fails alone, a repeated user
+    name is refused against the one before it, references and failOnErrors hold."""
+    u = await org(hr)
+    t = u["tag"]
+    committer = goals_app.state.application.recorder.group_commit
+    people = [{"method": "POST", "path": "/Users", "bulkId": f"p{n}", "data": user(f"p{n}.{t}@acme.io", f"Sales {t}")}
+              for n in range(30)]
+    people[10] = {"method": "POST", "path": "/Users", "bulkId": "bad",  # in the middle: no such unit
+                  "data": user(f"bad.{t}@acme.io", f"Nowhere {t}")}
+    people[20] = {"method": "POST", "path": "/Users", "bulkId": "again",  # the same user name as p3
+                  "data": user(f"P3.{t}@ACME.io", f"Sales {t}")}
+    operations = [
+        *people,
+        {"method": "POST", "path": "/Groups", "bulkId": "squad", "data": group(f"Squad {t}", u["sales"])},
+        {"method": "POST", "path": "/Groups", "bulkId": "pair", "data": {
+            **group(f"Pair {t}", "bulkId:squad"), "members": [{"value": "bulkId:p1"}, {"value": "bulkId:p2"}]}},
+        {"method": "POST", "path": "/Groups", "bulkId": "trio", "data": {
+            **group(f"Trio {t}", "bulkId:squad"), "members": [{"value": "bulkId:p4"}, {"value": "bulkId:p5"}]}},
+        {"method": "PATCH", "path": "/Users/bulkId:p6", "data": patch(
+            {"op": "replace", "path": "displayName", "value": "Six"})},
+    ]
+    saves, batches = committer.saves, committer.batches
+    answer = await scim(hr, "POST", "/Bulk", {"schemas": [BULK], "Operations": operations})
+    results = answer["Operations"]
+    statuses = [(o.get("bulkId"), o["status"], o.get("response", {}).get("scimType")) for o in results]
+    expected = [(f"p{n}", "201", None) for n in range(30)]
+    expected[10], expected[20] = ("bad", "400", "invalidValue"), ("again", "409", "uniqueness")
+    assert statuses == [*expected, ("squad", "201", None), ("pair", "201", None), ("trio", "201", None),
+                        (None, "200", None)]
+    written = len([o for o in results if o["status"] in ("200", "201")])
+    assert committer.saves - saves == written == 32
+    # The 28 new people went in a few transactions; so did the two sibling groups.
+    assert committer.batches - batches <= written - 20, (committer.batches - batches, written)
+    ids = {o["bulkId"]: o["location"].rsplit("/", 1)[1] for o in results if o["status"] == "201"}
+    assert len(set(ids.values())) == len(ids) == 31
+    assert all(o["version"] == 'W/"1"' for o in results[:30] if o["status"] == "201")
+    pair = await scim(hr, "GET", f"/Groups/{ids['pair']}")
+    assert pair[UNIT]["parent"]["value"] == ids["squad"]
+    assert sorted(m["value"] for m in pair["members"]) == sorted([ids["p1"], ids["p2"]])
+    six = await scim(hr, "GET", f"/Users/{ids['p6']}")
+    assert six["displayName"] == "Six" and results[-1]["version"] == six["meta"]["version"]
+    assert len(await names(hr, "filter=" + quote(f'userName ew ".{t}@acme.io"') + "&count=100", t)) == 28
+
+    # failOnErrors in a wave: the job stops where it would have stopped one by one.
+    answer = await scim(hr, "POST", "/Bulk", {"schemas": [BULK], "failOnErrors": 2, "Operations": [
+        {"method": "POST", "path": "/Users", "bulkId": "a", "data": user(f"fa.{t}@acme.io", f"Sales {t}")},
+        {"method": "POST", "path": "/Users", "bulkId": "b", "data": user(f"fb.{t}@acme.io", f"Nowhere {t}")},
+        {"method": "POST", "path": "/Users", "bulkId": "c", "data": user(f"fc.{t}@acme.io", f"Sales {t}")},
+        {"method": "POST", "path": "/Users", "bulkId": "d", "data": user(f"fd.{t}@acme.io", f"Nowhere {t}")},
+        {"method": "POST", "path": "/Users", "bulkId": "e", "data": user(f"fe.{t}@acme.io", f"Sales {t}")},
+    ]})
+    assert [(o["bulkId"], o["status"]) for o in answer["Operations"]] == [
+        ("a", "201"), ("b", "400"), ("c", "201"), ("d", "400")]
+    assert await names(hr, "filter=" + quote(f'userName sw "fe.{t}"'), t) == []
 
 
 # The read model ---------------------------------------------------------------------------
