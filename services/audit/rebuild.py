@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from services.audit import read_model_sources
+from services.audit import read_model_sources, replay_all
 from services.audit.database import connect_database
 from services.common.replay import checksum, drop_schema, live_checksum, replace_live, replay
 
@@ -27,19 +27,40 @@ def register(subparsers: Any) -> None:
                                    description=__doc__)
     parser.add_argument("--check-only", action="store_true", help="compare only; keep the live read models")
     parser.add_argument("--batch-size", type=int, default=1000, help="events per transaction (default 1000)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="read models replayed side by side, each in a process of its own (default 1)")
     parser.set_defaults(run=run)
 
 
 def rebuild_all(database_url: str, *, check_only: bool = False, batch_size: int = 1000,
-                out: Any = sys.stdout) -> bool:
-    """Rebuild and compare every read model; True when all match."""
+                out: Any = sys.stdout, processes: int = 1) -> bool:
+    """Rebuild and compare every read model; True when all match. With `processes` > 1 every
+    live checksum is read first, then the read models are replayed side by side (each up to its
+    own live positions), then each is compared and swapped in as one at a time would be."""
     all_match = True
-    for source in read_model_sources():
-        live = live_checksum(database_url, source)
-        scratch = f"{source.schema}_rebuild"
-        drop_schema(database_url, scratch)
+    sources = read_model_sources()
+    if processes > 1:
+        lives = [live_checksum(database_url, source) for source in sources]
+        for source in sources:
+            drop_schema(database_url, _scratch(source, processes))
         try:
-            report = replay(source, database_url, scratch, stops=live.positions or None, batch_size=batch_size)
+            reports = replay_all([(source.label, _scratch(source, processes), live.positions or None)
+                                  for source, live in zip(sources, lives, strict=True)],
+                                 database_url, batch_size=batch_size, processes=processes)
+        except BaseException:
+            for source in sources:
+                drop_schema(database_url, _scratch(source, processes))
+            raise
+    for n, source in enumerate(sources):
+        scratch = _scratch(source, processes)
+        if processes > 1:
+            live, report = lives[n], reports[n]
+        else:
+            live = live_checksum(database_url, source)
+            drop_schema(database_url, scratch)
+        try:
+            if processes <= 1:
+                report = replay(source, database_url, scratch, stops=live.positions or None, batch_size=batch_size)
             with psycopg.connect(database_url) as conn:
                 rebuilt = checksum(conn, source, scratch)
             match = (rebuilt.digest, rebuilt.positions) == (live.digest, live.positions)
@@ -61,9 +82,15 @@ def rebuild_all(database_url: str, *, check_only: bool = False, batch_size: int 
     return all_match
 
 
+def _scratch(source: Any, processes: int) -> str:
+    """The schema a read model is rebuilt in; side by side, one per read model (two live in
+    the goals schema)."""
+    return f"{source.schema}_rebuild" if processes <= 1 else f"{source.schema}_rebuild_{source.name.lower()}"
+
+
 def run(args: argparse.Namespace) -> int:
     with connect_database() as url:
-        ok = rebuild_all(url, check_only=args.check_only, batch_size=args.batch_size)
+        ok = rebuild_all(url, check_only=args.check_only, batch_size=args.batch_size, processes=args.processes)
     if not ok:
         print("A rebuilt read model differs from the live one: see above.", file=sys.stderr)
     return 0 if ok else 1

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
+import math
 import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,6 +38,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import orjson
 from psycopg.types.json import Jsonb
 
 if TYPE_CHECKING:
@@ -105,6 +106,8 @@ class HeldRows:
         self._groups: dict[Any, dict[Any, Row]] = {}
         """With a group: the rows known of each group, by the rest of the key."""
         self._loaded_groups: set[Any] = set()
+        self.size = 0
+        """About how many rows are held (rows loaded or inserted), to bound what a replay keeps."""
         self._new: dict[Key, Row] = {}
         self._changed: dict[Key, set[str]] = {}
         self._key = operator.itemgetter(*spec.key)
@@ -126,6 +129,7 @@ class HeldRows:
         return None if bucket is None else bucket.get(self._rest_of_key(key))
 
     def _remember(self, key: Any, row: Row) -> None:
+        self.size += 1
         if self.spec.group is None:
             self._rows[key] = row
         else:
@@ -145,6 +149,7 @@ class HeldRows:
             rows.setdefault(row[column], row)
         for key in wanted:
             rows.setdefault(key, None)
+        self.size += len(wanted)
 
     def load_groups(self, values: Iterable[Any]) -> None:
         """Load every stored row of these groups (`Held.group`)."""
@@ -161,6 +166,7 @@ class HeldRows:
                 current = row[group]
                 bucket = groups.setdefault(current, {})
             bucket.setdefault(rest(row), row)
+            self.size += 1
         self._loaded_groups |= wanted
 
     # Reading and changing, as the events so far left the table.
@@ -217,7 +223,7 @@ class HeldRows:
         if not self.pending:
             return
         table = f"{{schema}}.{self.spec.name}"
-        statements: list[tuple[str, list[Row], tuple[str, ...]]] = []
+        statements: list[tuple[str, list[Row], tuple[str, ...], bool]] = []
         inserts: dict[tuple[str, ...], list[Row]] = {}
         for row in self._new.values():
             inserts.setdefault(tuple(row), []).append(row)
@@ -225,7 +231,7 @@ class HeldRows:
             names = ", ".join(columns)
             statements.append((f"INSERT INTO {table} ({names}) SELECT {names} "
                                f"FROM json_populate_recordset(NULL::{table}, %s) ON CONFLICT DO NOTHING",
-                               rows, columns))
+                               rows, columns, True))
         updates: dict[tuple[str, ...], list[Row]] = {}
         for key, changed in self._changed.items():
             row = self._lookup(key)
@@ -235,18 +241,23 @@ class HeldRows:
         for columns, rows in updates.items():
             sets = ", ".join(f"{c} = r.{c}" for c in columns)
             statements.append((f"UPDATE {table} AS t SET {sets} FROM json_populate_recordset(NULL::{table}, %s) AS r "
-                               f"WHERE {match}", rows, (*self.spec.key, *columns)))
+                               f"WHERE {match}", rows, (*self.spec.key, *columns), False))
         self._new.clear()
         self._changed.clear()
-        for sql, rows, columns in statements:
-            self.batch.send(self._statements(sql, rows, columns))
+        for sql, rows, columns, whole in statements:
+            self.batch.send(self._statements(sql, rows, columns, whole))
 
-    def _statements(self, sql: str, rows: list[Row], columns: tuple[str, ...]) -> list[Statement]:
-        try:
-            return [(sql, (json.dumps([{c: row[c] for c in columns} for row in rows], default=_json_value,
-                                      allow_nan=False, separators=(",", ":")),))]
-        except ValueError:  # NaN or infinity, which JSON cannot carry: a plain statement per row
-            return [self._plain(sql, row, columns) for row in rows]
+    def _statements(self, sql: str, rows: list[Row], columns: tuple[str, ...], whole: bool = False) -> list[Statement]:
+        """One statement for all the rows as a JSON array (orjson: UUIDs, dates and datetimes
+        as `str()` and `isoformat()` give them), unless a value is a float JSON cannot carry (NaN,
+        infinity: orjson would write null) or orjson refuses one: then a plain statement per row."""
+        values = rows if whole else [{c: row[c] for c in columns} for row in rows]  # whole: rows are just these
+        if _finite(values):
+            try:
+                return [(sql, (orjson.dumps(values, default=_json_value).decode(),))]
+            except TypeError:  # orjson.JSONEncodeError: an integer past 64 bits, say
+                pass
+        return [self._plain(sql, row, columns) for row in rows]
 
     def _plain(self, sql: str, row: Row, columns: tuple[str, ...]) -> Statement:
         table = f"{{schema}}.{self.spec.name}"
@@ -265,6 +276,13 @@ class HeldRows:
         self._rows.clear()
         self._groups.clear()
         self._loaded_groups.clear()
+        self.size = 0
+
+
+def _finite(rows: list[Row]) -> bool:
+    """No float column is NaN or infinite (a sum of floats is finite only then, or a huge sum
+    overflows, which only costs the plain statements)."""
+    return math.isfinite(sum(v for row in rows for v in row.values() if type(v) is float))
 
 
 def _json_value(value: Any) -> Any:
@@ -292,10 +310,17 @@ class Batch:
     def rows(self, table: str) -> HeldRows:
         held = self._held.get(table)
         if held is None:
-            spec = next((h for h in self.view.held if h.name == table), None)
-            if spec is None:
-                raise KeyError(f"{table} is not a held table of {type(self.view).__name__}")
-            held = self._held[table] = HeldRows(self, spec)
+            kept = self.view.kept_rows
+            held = kept.get(table) if kept is not None else None
+            if held is None:
+                spec = next((h for h in self.view.held if h.name == table), None)
+                if spec is None:
+                    raise KeyError(f"{table} is not a held table of {type(self.view).__name__}")
+                held = HeldRows(self, spec)
+                if kept is not None:
+                    kept[table] = held
+            held.batch = self
+            self._held[table] = held
         return held
 
     def later(self, finish: Finish) -> dict[Any, Any]:
@@ -325,7 +350,8 @@ class Batch:
         for sql, params in statements:
             self._before(sql, writes=not _only_reads(sql))
             self.send([(sql, params)])
-        self.drain()  # now, so that they run in the event's span (services.common.telemetry)
+        if self._queue and self.view.sends_each_event:
+            self.drain()  # now, so that they run in the event's span (services.common.telemetry)
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         if self.curs is None and any(self._held[t].pending for t in tables_named(sql) & self._held.keys()):

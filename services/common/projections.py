@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 from eventsourcing.application import Application
-from eventsourcing.persistence import InfrastructureFactory, Mapper, StoredEvent, Tracking
+from eventsourcing.persistence import InfrastructureFactory, JSONTranscoder, Mapper, StoredEvent, Tracking
 from eventsourcing.postgres import PostgresProcessRecorder, PostgresTrackingRecorder
 from eventsourcing.projection import (
     EventSourcedProjection,
@@ -146,6 +147,29 @@ class ReadModel(PostgresTrackingRecorder):
 
     _state: Batch | None = None
 
+    keeps_rows: int = 0
+    """Up to how many held rows to keep from one batch to the next (0: none, each batch loads
+    what it touches). Only for a read model no one else writes while this recorder does (a
+    replay into a schema of its own: `services.common.replay`): what memory holds of a held table
+    is then what is stored. Dropped when a batch fails, and when more than this is held."""
+
+    _kept: dict[str, HeldRows] | None = None
+
+    sends_each_event: bool = True
+    """Whether an event's statements go out as it is applied, so that they run in its span
+    (services.common.telemetry). A replay, which traces nothing, leaves them queued until
+    something is read or the batch ends: runs of the same statement across events then go out
+    as one `executemany`, the order unchanged."""
+
+    @property
+    def kept_rows(self) -> dict[str, HeldRows] | None:
+        """The held rows kept across batches (`keeps_rows`), by table, or None."""
+        if not self.keeps_rows:
+            return None
+        if self._kept is None:
+            self._kept = {}
+        return self._kept
+
     @contextmanager
     def batch(self) -> Iterator[None]:
         """One transaction for every event applied inside, in a few round trips
@@ -154,17 +178,23 @@ class ReadModel(PostgresTrackingRecorder):
         together (or not at all). A handler sees what the events before it in the batch did."""
         state = self._state or Batch(self)  # adopts an event begun outside a batch
         assert state.curs is None, "batches do not nest"
-        with self.datastore.transaction(commit=True) as curs, curs.connection.pipeline():
-            state.curs, self._state = curs, state
-            try:
+        try:
+            with self.datastore.transaction(commit=True) as curs, curs.connection.pipeline():
+                state.curs, self._state = curs, state
                 yield
                 state.finish()
                 if state.tracking is not None:
                     with curs.connection.cursor() as fresh:  # it may read: a cursor without results (pipeline mode)
                         self._insert_tracking(fresh, state.tracking)
                     curs.execute(SQL("NOTIFY {}").format(Identifier(self.channel)))
-            finally:
-                self._state = None
+        except BaseException:
+            self._kept = None  # what it held may be what the rolled back transaction wrote
+            raise
+        else:
+            if self._kept is not None and sum(held.size for held in self._kept.values()) > self.keeps_rows:
+                self._kept = None
+        finally:
+            self._state = None
 
     def _current(self) -> Batch:
         if self._state is None:  # an event applied outside `batch()`: a batch of its own, which `apply` ends
@@ -217,6 +247,80 @@ class ContractEvent:
     @property
     def timestamp(self) -> datetime:
         return self.data["timestamp"]
+
+
+class FastDecoding:
+    """A JSON transcoder's decoding, faster: orjson parses the stored bytes, then the tagged
+    values (`{"_type_": ..., "_data_": ...}`) are decoded by the transcoder's own transcodings,
+    innermost first, as its `object_hook` would. The stored bytes are only read: encoding (and so
+    the hash chain over them) is the wrapped transcoder's. What orjson refuses (NaN) or reads
+    otherwise (integers past 64 bits, which it makes floats) is decoded by the wrapped
+    transcoder itself, so the result is always its own."""
+
+    def __init__(self, transcoder: Any) -> None:
+        self.transcoder = transcoder
+        self.names = {name: t.decode for name, t in transcoder.names.items()}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transcoder, name)
+
+    def encode(self, obj: Any) -> bytes:
+        return self.transcoder.encode(obj)
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            parsed = orjson.loads(data)
+            if type(parsed) in (dict, list):
+                return self._walk(parsed)
+            if type(parsed) is float and _past_64_bits(parsed):
+                raise _Refused
+            return parsed
+        except (orjson.JSONDecodeError, _Refused):
+            return self.transcoder.decode(data)
+
+    def _walk(self, o: Any) -> Any:
+        walk = self._walk
+        if type(o) is dict:
+            for k, v in o.items():
+                t = type(v)
+                if t is dict or t is list:
+                    o[k] = walk(v)
+                elif t is float and _past_64_bits(v):
+                    raise _Refused
+            if len(o) == 2 and "_type_" in o and "_data_" in o:
+                decode = self.names.get(o["_type_"])
+                if decode is None:
+                    return self.transcoder._decode_obj(o)  # the library's error
+                return decode(o["_data_"])
+            return o
+        out = []
+        for v in o:
+            t = type(v)
+            if t is dict or t is list:
+                v = walk(v)
+            elif t is float and _past_64_bits(v):
+                raise _Refused
+            out.append(v)
+        return out
+
+
+class _Refused(Exception):
+    """A value orjson parsed otherwise than the json module would."""
+
+
+def _past_64_bits(value: float) -> bool:
+    """A whole float beyond 64-bit integers: orjson reads an integer that long as a float, where
+    the json module keeps it an int (a float written so, 1e300, is decoded again the slow way:
+    the same value)."""
+    return value.is_integer() and not -(2**63) <= value < 2**64
+
+
+def fast_decoding(app: Application[Any]) -> Application[Any]:
+    """The application's mapper decoding with `FastDecoding` (a reader's: it never writes)."""
+    mapper = app.mapper
+    if isinstance(getattr(mapper, "transcoder", None), JSONTranscoder):
+        mapper.transcoder = FastDecoding(mapper.transcoder)  # type: ignore[assignment]
+    return app
 
 
 class ContractMapper(Mapper[uuid.UUID]):

@@ -98,6 +98,21 @@ def test_a_rebuild_matches_the_live_read_models_and_repairs_a_damaged_one(instal
         assert conn.execute("SELECT title FROM goals.key_results").fetchone()[0] == "Response time 8 h -> 3 h"
 
 
+def test_read_models_rebuilt_side_by_side_in_processes_match_and_repair(installation: str) -> None:
+    before = checksums(installation)
+    with psycopg.connect(installation) as conn:
+        conn.execute("UPDATE goals.key_results SET title = 'tampered'")
+    out = io.StringIO()
+    assert not rebuild_all(installation, out=out, processes=2)  # the mismatch reported, then repaired
+    assert "MISMATCH" in out.getvalue() and "replaced" in out.getvalue()
+    assert out.getvalue().count("events/s") == len(before)
+    assert checksums(installation) == before
+    out = io.StringIO()
+    assert rebuild_all(installation, check_only=True, out=out, processes=2), out.getvalue()
+    with psycopg.connect(installation) as conn:  # no scratch schema left behind
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE '%%_rebuild%%'").fetchone()[0] == 0
+
+
 def test_an_export_imported_into_an_empty_installation_reproduces_it(installation: str) -> None:
     exported = io.StringIO()
     header = export(installation, exported)
