@@ -90,9 +90,18 @@ class MetadataMapper(Mapper[uuid.UUID]):
     """Adds the command context to each stored event's state under `meta`."""
 
     def to_stored_event(self, domain_event: Any) -> StoredEvent:
-        if "meta" not in vars(domain_event):
-            object.__setattr__(domain_event, "meta", dict(context_meta(current_context())))
+        self.stamp(domain_event)
         return super().to_stored_event(domain_event)
+
+    @staticmethod
+    def stamp(domain_event: Any) -> dict[str, Any] | None:
+        """Give the event the current command context's `meta` (a copy), unless it has one: the
+        context's own `meta` (shared: never to change) when it stamped, else None."""
+        if "meta" in vars(domain_event):
+            return None
+        meta = context_meta(current_context())
+        object.__setattr__(domain_event, "meta", dict(meta))
+        return meta
 
 
 @functools.lru_cache(maxsize=256)
@@ -293,8 +302,6 @@ class TandemApplication(SnapshottingApplication):
     @functools.cached_property
     def _select_after(self) -> Any:
         """Every event after a given version of each of the given aggregates, in their order."""
-        from psycopg.sql import SQL, Identifier
-
         recorder: Any = self.recorder
         id_type = "uuid" if recorder.datastore.originator_id_type == "uuid" else "text"
         statement = SQL(

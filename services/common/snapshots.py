@@ -26,6 +26,8 @@ from uuid import UUID
 from eventsourcing.application import Application
 from eventsourcing.persistence import EventStore, JSONTranscoder, Transcoding, TranscodingNotRegisteredError
 
+from services.common.recorder import binary_insert
+
 # What `json` encodes without asking the transcoder (subclasses included).
 _JSON_NATIVE = (str, int, float, list, tuple, dict)
 # Of those, the types that come back as themselves (a tuple, as a list, unless `TupleAsList`).
@@ -125,8 +127,6 @@ class SnapshottingApplication(Application[UUID]):
     def construct_snapshot_store(self) -> EventStore[UUID]:
         """Snapshots through a `SnapshotTranscoder` with the `register_snapshot_transcodings`,
         and the events' mapper class (for Tandem's applications, the one that stamps `meta`)."""
-        from services.common.recorder import binary_insert
-
         transcoder = SnapshotTranscoder()
         self.register_snapshot_transcodings(transcoder)
         recorder = self.factory.aggregate_recorder(purpose="snapshots")

@@ -26,8 +26,6 @@ from services.common.eventstore import (
     MetadataMapper,
     TandemApplication,
     Written,
-    context_meta,
-    current_context,
     retry_on_conflict,
 )
 from services.metrics.domain import (
@@ -62,27 +60,25 @@ class MetricsMapper(MetadataMapper):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._encode_json = self.transcoder.encoder.encode  # type: ignore[attr-defined]
-        self._last: tuple[Any, dict[str, Any], str] | None = None
-        """The latest context, its `meta` and that as JSON: a bulk load's events share one."""
+        self._last: tuple[dict[str, Any], str] | None = None
+        """The latest context's `meta` and that as JSON: a bulk load's events share one."""
 
     def to_stored_event(self, domain_event: Any) -> StoredEvent:
-        state = vars(domain_event)
         if type(domain_event) is KPI.Measured and self.compressor is None and self.cipher is None:
-            if "meta" not in state:
-                context = current_context()
-                last = self._last
-                if last is None or last[0] is not context:
-                    meta = context_meta(context)
-                    last = self._last = (context, meta, self._encode_json(meta))
-                meta_json = last[2]
-                object.__setattr__(domain_event, "meta", dict(last[1]))
-            else:
-                meta_json = None
-            encoded = self._measured_state(state, meta_json)
+            shared = self.stamp(domain_event)
+            encoded = self._measured_state(vars(domain_event), None if shared is None else self._meta_json(shared))
             if encoded is not None:
-                return StoredEvent(originator_id=state["originator_id"], originator_version=state["originator_version"],
+                return StoredEvent(originator_id=domain_event.originator_id,
+                                   originator_version=domain_event.originator_version,
                                    topic=_MEASURED_TOPIC, state=encoded)
         return super().to_stored_event(domain_event)
+
+    def _meta_json(self, meta: dict[str, Any]) -> str:
+        """A context's `meta` as JSON, encoded once for the events that share it."""
+        last = self._last
+        if last is None or last[0] is not meta:
+            last = self._last = (meta, self._encode_json(meta))
+        return last[1]
 
     def _measured_state(self, state: dict[str, Any], meta_json: str | None) -> bytes | None:
         if tuple(state) != _MEASURED_KEYS:  # the order the library's JSON would have
