@@ -37,7 +37,6 @@ from services.metrics.settings import MetricsSettings
 from tests.conftest import ok, refused, serve_in_process
 
 
-
 def at(day: str, hour: int = 12) -> datetime:
     return datetime.fromisoformat(day).replace(hour=hour, tzinfo=UTC)
 

@@ -41,6 +41,20 @@ def snapshot_versions(url: str, table: str, aggregate_id: Any) -> list[int]:
                                            "ORDER BY originator_version", (aggregate_id,))]
 
 
+def counting_reads(app: Any) -> list[dict[str, Any]]:
+    """From now on, each read of the app's events recorded: after which version (`gt`), how many."""
+    read: list[dict[str, Any]] = []
+    select_events = app.recorder.select_events
+
+    def counting(originator_id: Any, **kwargs: Any) -> Any:
+        events = select_events(originator_id, **kwargs)
+        read.append({"gt": kwargs.get("gt"), "events": len(events)})
+        return events
+
+    app.recorder.select_events = counting
+    return read
+
+
 def state(aggregate: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(aggregate).items() if k != "_pending_events"}
 
@@ -113,15 +127,7 @@ def test_a_long_key_result_loads_from_its_latest_snapshot(url: str) -> None:
 
     fresh = Goals(env={**eventsourcing_env(url, "goals"), "AGGREGATE_CACHE_MAXSIZE": "0"})
     replayed = _replay(fresh.mapper.to_domain_event(e) for e in fresh.recorder.select_events(kr))
-    read: list[dict[str, Any]] = []
-    select_events = fresh.recorder.select_events
-
-    def counting(originator_id: Any, **kwargs: Any) -> Any:
-        events = select_events(originator_id, **kwargs)
-        read.append({"gt": kwargs.get("gt"), "events": len(events)})
-        return events
-
-    fresh.recorder.select_events = counting  # type: ignore[method-assign]
+    read = counting_reads(fresh)
     try:
         loaded = fresh.repository.get(kr)
     finally:
@@ -230,23 +236,16 @@ def test_a_key_result_with_a_long_history_comes_back_from_its_snapshot_type_for_
     assert written.kpi_id == other_kpi and written.correction_count > 10 and len(written.measurements) == 16
 
     fresh = Goals(env={**eventsourcing_env(url, "goals"), "AGGREGATE_CACHE_MAXSIZE": "0"})
-    read: list[int] = []
     try:
         replayed = _replay(fresh.mapper.to_domain_event(e) for e in fresh.recorder.select_events(kr_id))
-        select_events = fresh.recorder.select_events
-
-        def counting(originator_id: Any, **kwargs: Any) -> Any:
-            read.append(kwargs.get("gt"))
-            return select_events(originator_id, **kwargs)
-
-        fresh.recorder.select_events = counting  # type: ignore[method-assign]
+        read = counting_reads(fresh)
         loaded = fresh.get_key_result(kr_id)
         restored = through_snapshot(fresh, written)
         # What the application's own (the events') transcoder would give: the kind as a string.
         plain = through_snapshot(fresh, written, fresh.mapper)
     finally:
         fresh.close()
-    assert read == [snapshots[-1]]  # from the latest snapshot
+    assert [r["gt"] for r in read] == [snapshots[-1]]  # from the latest snapshot
     assert type(loaded.kind) is KeyResultKind
     for other in (loaded, restored, written):
         assert_same(state(replayed), state(other))
@@ -414,17 +413,9 @@ def test_a_kpi_with_a_bulk_of_measurements_loads_from_its_snapshot(url: str) -> 
     assert snapshot_versions(url, "metrics.metrics_snapshots", kpi_id) == [written.version]
 
     fresh = Metrics(env={**eventsourcing_env(url, "metrics"), "AGGREGATE_CACHE_MAXSIZE": "0"})
-    read: list[dict[str, Any]] = []
     try:
         replayed = _replay(fresh.mapper.to_domain_event(e) for e in fresh.recorder.select_events(kpi_id))
-        select_events = fresh.recorder.select_events
-
-        def counting(originator_id: Any, **kwargs: Any) -> Any:
-            events = select_events(originator_id, **kwargs)
-            read.append({"gt": kwargs.get("gt"), "events": len(events)})
-            return events
-
-        fresh.recorder.select_events = counting  # type: ignore[method-assign]
+        read = counting_reads(fresh)
         loaded = fresh.get_kpi(kpi_id)
         # Events keep the contract's encoding: the KPI's transcodings are the snapshot store's only.
         assert set(fresh.mapper.transcoder.types) == set(standard_transcoder().types)  # type: ignore[attr-defined]
