@@ -709,7 +709,7 @@ def profile_replay(source: ReadModelSource, database_url: str, schema: str, batc
                 while notifications := app.recorder.select_notifications(position, batch_size,
                                                                          inclusive_of_start=False):
                     with view.batch():
-                        if (prefetch := getattr(projection, "prefetch", None)) is not None:  # as apply_batch does
+                        if (prefetch := getattr(projection, "prefetch", None)) is not None:  # as apply_events does
                             prefetch([app.mapper.to_domain_event(n) for n in notifications])
                         for notification in notifications:
                             t0 = time.perf_counter()

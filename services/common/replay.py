@@ -109,11 +109,10 @@ def open_log(spec: ProjectionSpec, database_url: str) -> Application[Any]:
     return fast_decoding(spec.application_class(env=env))
 
 
-def read_batch(app: Application[Any], position: int, batch_size: int, *,
-               stop: int | None = None) -> list[tuple[Any, Tracking]]:
-    """The next notifications of the log after `position` (up to `stop`), decoded, each with
-    its tracking position."""
-    notifications = app.recorder.select_notifications(position, batch_size, stop=stop, inclusive_of_start=False)
+def read_batch(app: Application[Any], position: int, batch_size: int) -> list[tuple[Any, Tracking]]:
+    """The next notifications of the log after `position`, decoded, each with its tracking
+    position (a live runner's read; a replay reads ahead, `_Reader`)."""
+    notifications = app.recorder.select_notifications(position, batch_size, inclusive_of_start=False)
     to_domain_event, name = app.mapper.to_domain_event, app.name
     return [(to_domain_event(n), Tracking(name, n.id)) for n in notifications]
 
@@ -134,16 +133,6 @@ def apply_events(projection: Any, view: ReadModel, events: list[tuple[Any, Track
             else:
                 view.apply(tracking)  # events `keep` turns down still move the position
     return sum(kept)
-
-
-def apply_batch(app: Application[Any], projection: Any, view: ReadModel, position: int, batch_size: int, *,
-                stop: int | None = None, keep: EventFilter | None = None) -> tuple[int, int]:
-    """The next notifications of the log after `position` (up to `stop`) applied in one
-    transaction with the last one's tracking position: (events read, events kept)."""
-    events = read_batch(app, position, batch_size, stop=stop)
-    if not events:
-        return 0, 0
-    return len(events), apply_events(projection, view, events, keep=keep)
 
 
 class _Stored:
@@ -323,9 +312,10 @@ class BatchingRunner:
         """Apply batches while there are events; then wait up to `timeout` for more."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._stopping.is_set():
-            read, _ = apply_batch(self.app, self.projection, self.view, self.position, self.batch_size)
-            if read:
-                self.position = self.view.max_tracking_id(self.app.name) or self.position
+            events = read_batch(self.app, self.position, self.batch_size)
+            if events:
+                apply_events(self.projection, self.view, events)
+                self.position = events[-1][1].notification_id  # the batch's tracking position
                 continue
             remaining = 0.5 if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
